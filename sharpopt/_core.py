@@ -1,0 +1,475 @@
+"""Machinery shared by every sharpopt optimizer.
+
+``_Core`` knows how to gather the parameters that have a gradient, split them into
+(device, dtype) buckets with the backend chosen for each device, keep the scratch buffers
+(saved weights, stored gradients) that live between the two passes, and reduce global
+norms without leaving the device. ``SharpnessAware`` adds the base optimizer: the shared
+``param_groups``, the restore merged with a recognised base update (SGD, Adam, AdamW) or
+the generic "restore, then ``base.step()``" path, ``state_dict`` with the base state, and
+the two-pass protocol (``first_step`` / ``second_step`` / ``step(closure)``).
+
+Each algorithm module (``sam.py``, ``gsam.py``, ...) only says which passes to run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import resolve
+from .backends.base import Ops
+
+__all__ = ["SharpnessAware"]
+
+
+@dataclass
+class Bucket:
+    """Parameters of one param group that share a device and a dtype."""
+
+    ops: Ops
+    params: List[Tensor]
+    group: dict
+    device: torch.device = field(init=False)
+
+    def __post_init__(self):
+        self.device = self.params[0].device
+
+    @property
+    def grads(self) -> List[Tensor]:
+        return [p.grad for p in self.params]
+
+
+def _check_positive(name: str, value, allow_zero: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or math.isinf(value):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+
+
+class _Core(Optimizer):
+    """Backend selection, bucketing, scratch buffers and global reductions."""
+
+    def __init__(self, params, defaults: dict, *, backend: str = "auto", eps: float = 1e-12):
+        _check_positive("eps", eps, allow_zero=False)
+        self.eps = float(eps)
+        self._requested_backend = backend
+        self._ops: Dict[torch.device, Ops] = {}
+        # Scratch buffers keyed by name, then by parameter. They hold values only between
+        # the passes of one step, so they are not part of state_dict().
+        self._scratch: Dict[str, Dict[Tensor, Tensor]] = {}
+        super().__init__(params, defaults)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        # Resolve now so a bad or unavailable backend fails at construction, not mid-training.
+        self._primary = first.device if first is not None else torch.device("cpu")
+        self._ops_for(self._primary)
+
+    # -- backend -----------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """Name of the backend that runs this optimizer's passes (read-only)."""
+        names = sorted({ops.name for ops in self._ops.values()})
+        return names[0] if len(names) == 1 else "+".join(names)
+
+    def _ops_for(self, device: torch.device) -> Ops:
+        ops = self._ops.get(device)
+        if ops is None:
+            ops = self._ops[device] = resolve(self._requested_backend, device)
+        return ops
+
+    # -- gathering -----------------------------------------------------------------------
+    def _with_grad(self, group: dict) -> List[Tensor]:
+        params = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    f"(parameter of shape {tuple(p.shape)}); use a dense embedding or "
+                    "torch.optim.SparseAdam without SAM"
+                )
+            if torch.is_complex(p) or torch.is_complex(g):
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support complex parameters or "
+                    f"gradients (shape {tuple(p.shape)}); view them as real pairs first"
+                )
+            params.append(p)
+        return params
+
+    def _buckets(self, group: dict, params: Sequence[Tensor]) -> List[Bucket]:
+        by_key: Dict[tuple, List[Tensor]] = {}
+        for p in params:
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        return [Bucket(self._ops_for(dev), ps, group) for (dev, _), ps in by_key.items()]
+
+    def _gather(self, params_of: Optional[Callable[[dict], Sequence[Tensor]]] = None
+                ) -> List[Bucket]:
+        """Buckets over all groups; by default the parameters that have a gradient now."""
+        buckets: List[Bucket] = []
+        for group in self.param_groups:
+            params = self._with_grad(group) if params_of is None else params_of(group)
+            buckets.extend(self._buckets(group, params))
+        return buckets
+
+    def _buffers(self, name: str, params: Sequence[Tensor],
+                 like: Optional[Callable[[Tensor], Tensor]] = None) -> List[Tensor]:
+        """Scratch tensors named ``name`` for ``params``, allocated once and then reused."""
+        store = self._scratch.setdefault(name, {})
+        out = []
+        for p in params:
+            buf = store.get(p)
+            if buf is None:
+                buf = store[p] = torch.empty_like(p, memory_format=torch.contiguous_format) \
+                    if like is None else like(p)
+            out.append(buf)
+        return out
+
+    def _row_means(self, params: Sequence[Tensor]) -> List[Optional[Tensor]]:
+        """fp32 (fp64 for fp64 parameters) per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
+        store = self._scratch.setdefault("row_means", {})
+        out: List[Optional[Tensor]] = []
+        for p in params:
+            if p.dim() <= 1:
+                out.append(None)
+                continue
+            buf = store.get(p)
+            if buf is None:
+                acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+                buf = store[p] = torch.empty(p.shape[0], dtype=acc, device=p.device)
+            out.append(buf)
+        return out
+
+    # -- global reductions (no host synchronisation) ------------------------------------
+    def _total(self, parts: Iterable[Tensor]) -> Tensor:
+        total = None
+        for s in parts:
+            s = s.to(self._primary, non_blocking=True)
+            total = s if total is None else total + s
+        if total is None:
+            return torch.zeros((), dtype=torch.float32, device=self._primary)
+        return total
+
+    def _norm(self, buckets: Sequence[Bucket], grads_of: Callable[[Bucket], Sequence[Tensor]],
+              *, adaptive: bool = False, centralize: bool = False,
+              row_means: bool = False) -> Tensor:
+        """``‖T ⊙ C(v)‖`` over every bucket, as a 0-dim tensor on the primary device."""
+        return self._total(
+            b.ops.sumsq(
+                grads_of(b), b.params, adaptive=adaptive, eta=b.group.get("eta", 0.0),
+                centralize=centralize,
+                row_means=self._row_means(b.params) if row_means else None,
+            )
+            for b in buckets
+        ).sqrt()
+
+    def _dot(self, buckets: Sequence[Bucket], xs_of, ys_of) -> Tensor:
+        return self._total(b.ops.dot(xs_of(b), ys_of(b)) for b in buckets)
+
+    @staticmethod
+    def _on(value, device: torch.device):
+        return value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+
+    def _lincomb(self, b: Bucket, out: Sequence[Tensor], terms) -> None:
+        """``out ← Σ c · x`` for ``terms = [(c, xs), ...]`` on bucket ``b``."""
+        b.ops.lincomb(out, [xs for _, xs in terms], [self._on(c, b.device) for c, _ in terms])
+
+
+class SharpnessAware(_Core):
+    """Base class of the wrappers around a ``torch.optim`` base optimizer.
+
+    Subclasses implement ``_ascent(buckets)`` (perturb the weights from the current
+    gradients and say whether a second pass is needed) and may override
+    ``_descent(buckets)`` (turn the gradients of the second pass into the base
+    optimizer's direction) — see :class:`sharpopt.SAM` for the protocol.
+    """
+
+    #: Algorithms that need more than two gradient evaluations set this.
+    closure_only = False
+
+    def __init__(self, params, base_optimizer, defaults: dict, *, backend="auto",
+                 eps=1e-12, **base_kwargs):
+        if isinstance(base_optimizer, Optimizer):
+            raise TypeError(
+                "base_optimizer must be an optimizer class (e.g. torch.optim.SGD), not an "
+                "instance; its keyword arguments go to the wrapper: "
+                "SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)"
+            )
+        if not callable(base_optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim class, got {base_optimizer!r}")
+        for key in ("rho",):
+            if key in defaults:
+                _check_positive(key, defaults[key])
+        self._algo_defaults = dict(defaults)
+        self._perturbed: Optional[List[Bucket]] = None
+        self._calls = 0
+        super().__init__(params, defaults, backend=backend, eps=eps)
+        for group in self.param_groups:
+            self._check_group(group)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # Share one list of groups so that LR schedulers on either object see the same lr.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def _check_group(self, group: dict) -> None:
+        if "rho" in group:
+            _check_positive("rho", group["rho"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "base_optimizer"):
+            return super().add_param_group(param_group)
+        group = dict(param_group)
+        for key, value in self._algo_defaults.items():
+            group.setdefault(key, value)
+        self._check_group(group)
+        self.base_optimizer.add_param_group(group)
+        for p in self.param_groups[-1]["params"]:
+            self._ops_for(p.device)
+
+    # -- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Wrapper state, the base optimizer's state (under ``"base_optimizer"``), counters.
+
+        Refused between ``first_step`` and ``second_step``: the model then holds the
+        perturbed weights ``w + e``, and a checkpoint of it would silently resume from them.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.state_dict() called between first_step() and "
+                "second_step(): the parameters are perturbed (w + e) right now. Save the "
+                "checkpoint after second_step()."
+            )
+        sd = super().state_dict()
+        sd["base_optimizer"] = self.base_optimizer.state_dict()
+        sd["sharpopt"] = {"calls": self._calls}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "base_optimizer" not in state_dict:
+            raise ValueError(
+                "this state_dict has no 'base_optimizer' entry; it was not saved by a "
+                "sharpopt optimizer (load the base optimizer's own state into .base_optimizer)"
+            )
+        if self._perturbed is not None:
+            raise RuntimeError("load_state_dict() called between first_step() and second_step()")
+        own = {k: v for k, v in state_dict.items() if k in ("state", "param_groups")}
+        super().load_state_dict(own)
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self.param_groups = self.base_optimizer.param_groups
+        self._calls = int(state_dict.get("sharpopt", {}).get("calls", 0))
+
+    # -- the two-pass protocol -----------------------------------------------------------
+    def _ascent(self, buckets: List[Bucket]) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _descent(self, buckets: List[Bucket]) -> None:
+        """Turn the second pass's gradients into the direction and update. Default: SAM's
+        ``Base.step(g_adv)`` after restoring ``w``."""
+        self._restore_and_update(buckets)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Ascent: perturb ``w`` from the current gradients (saving ``w``).
+
+        Returns True when the caller must run a second forward/backward at the perturbed
+        weights and then call :meth:`second_step`. Variants that skip the ascent on some
+        steps (``k > 1``, LookSAM) finish the whole update here and return False.
+        """
+        if self.closure_only:
+            raise RuntimeError(
+                f"{type(self).__name__} needs more than two gradient evaluations per step: "
+                "call step(closure) with a closure that runs forward and backward"
+            )
+        return self._first(zero_grad)
+
+    def _first(self, zero_grad: bool) -> bool:
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the weights are already "
+                "perturbed"
+            )
+        buckets = self._gather()
+        perturbed = self._ascent(buckets)
+        self._calls += 1
+        if perturbed:
+            self._perturbed = buckets
+        if zero_grad:
+            self.zero_grad()
+        return perturbed
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` exactly and apply the base optimizer's update."""
+        if self.closure_only:
+            raise RuntimeError(
+                f"{type(self).__name__} needs step(closure); first_step/second_step are "
+                "not available for it"
+            )
+        self._second(zero_grad)
+
+    def _second(self, zero_grad: bool) -> None:
+        if self._perturbed is None:
+            raise RuntimeError(
+                "second_step() called without a matching first_step() (or first_step() "
+                "returned False: the update was already applied on that step)"
+            )
+        buckets, self._perturbed = self._perturbed, None
+        missing = [b for b in buckets if any(p.grad is None for p in b.params)]
+        if missing:
+            buckets = self._restore_missing(buckets)
+        self._descent(buckets)
+        if zero_grad:
+            self.zero_grad()
+
+    def _restore_missing(self, buckets: List[Bucket]) -> List[Bucket]:
+        """Parameters perturbed in the first pass but without a gradient in the second are
+        restored and left out of the update, as torch.optim skips ``grad is None``."""
+        kept: List[Bucket] = []
+        for b in buckets:
+            lost = [p for p in b.params if p.grad is None]
+            if lost:
+                b.ops.restore(lost, self._buffers("saved", lost))
+            have = [p for p in b.params if p.grad is not None]
+            if have:
+                kept.append(Bucket(b.ops, have, b.group))
+        return kept
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        """One whole step: ``closure`` (forward + backward, returns the loss) is evaluated
+        at ``w`` and, when the algorithm perturbs, again at the perturbed weights.
+
+        Gradients present before the call are discarded, so the result is the same whether
+        or not the caller already ran a backward pass. Returns the loss at ``w``.
+        """
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that runs forward and "
+                "backward and returns the loss; or call first_step()/second_step() yourself"
+            )
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        loss = closure()
+        with torch.no_grad():
+            perturbed = self._first(zero_grad=True)
+        if perturbed:
+            try:
+                closure()
+            except BaseException:
+                with torch.no_grad():
+                    self._abort()
+                raise
+            with torch.no_grad():
+                self._second(zero_grad=False)
+        return loss
+
+    def _abort(self) -> None:
+        """Put the weights back when a step cannot finish (the training state is unchanged)."""
+        if self._perturbed is not None:
+            buckets, self._perturbed = self._perturbed, None
+            for b in buckets:
+                b.ops.restore(b.params, self._buffers("saved", b.params))
+
+    # -- restore merged with the base update --------------------------------------------
+    def _fusable(self) -> Optional[str]:
+        """'sgd' or 'adam' when the base optimizer's update can be merged, else None."""
+        base = self.base_optimizer
+        kind = None
+        if type(base) is torch.optim.SGD:
+            kind = "sgd"
+        elif type(base) in (torch.optim.Adam, torch.optim.AdamW):
+            kind = "adam"
+        if kind is None:
+            return None
+        for group in self.param_groups:
+            if group.get("differentiable") or group.get("capturable") or group.get("fused"):
+                return None
+            for key in ("lr", "betas", "weight_decay", "momentum"):
+                value = group.get(key)
+                values = value if isinstance(value, tuple) else (value,)
+                if any(isinstance(v, Tensor) for v in values):
+                    return None
+        return kind
+
+    def _restore_and_update(self, buckets: List[Bucket], *, restore: bool = True,
+                            directions: Optional[Callable[[Bucket], List[Tensor]]] = None
+                            ) -> None:
+        """``w ← saved`` (when ``restore``) and ``Base.step(d)``; ``d`` is ``p.grad``
+        unless ``directions`` gives other tensors."""
+        kind = self._fusable()
+        if kind is None or not all(b.ops.fuses_base_update for b in buckets):
+            for b in buckets:
+                if restore:
+                    b.ops.restore(b.params, self._buffers("saved", b.params))
+                if directions is not None:
+                    for p, d in zip(b.params, directions(b)):
+                        if d is not p.grad:
+                            p.grad.copy_(d)
+            self.base_optimizer.step()
+            return
+        for b in buckets:
+            saved = self._buffers("saved", b.params) if restore else None
+            d = directions(b) if directions is not None else b.grads
+            if kind == "sgd":
+                self._sgd(b, saved, d)
+            else:
+                self._adam(b, saved, d)
+
+    def _sgd(self, b: Bucket, saved, d) -> None:
+        group, state = b.group, self.base_optimizer.state
+        kw = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                  dampening=group["dampening"], nesterov=group["nesterov"],
+                  maximize=group["maximize"])
+        if group["momentum"] == 0:
+            b.ops.restore_sgd(b.params, saved, d, [], init_buffers=False, **kw)
+            return
+        # Parameters that have no momentum buffer yet (first step, or a group added
+        # later) take buf = d, as torch.optim.SGD does; the others the running average.
+        for init in (False, True):
+            idx = [i for i, p in enumerate(b.params)
+                   if (state[p].get("momentum_buffer") is None) == init]
+            if not idx:
+                continue
+            ps = [b.params[i] for i in idx]
+            if init:
+                for p in ps:
+                    state[p]["momentum_buffer"] = torch.empty_like(p)
+            b.ops.restore_sgd(
+                ps, None if saved is None else [saved[i] for i in idx], [d[i] for i in idx],
+                [state[p]["momentum_buffer"] for p in ps], init_buffers=init, **kw,
+            )
+
+    def _adam(self, b: Bucket, saved, d) -> None:
+        group, state = b.group, self.base_optimizer.state
+        amsgrad = group["amsgrad"]
+        for p in b.params:
+            st = state[p]
+            if len(st) == 0:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [state[p]["step"] for p in b.params]
+        torch._foreach_add_(steps, 1)
+        # Step counts differ only when parameters joined at different times; the counters
+        # live on the host (as torch.optim keeps them), so reading them costs no sync.
+        by_step: Dict[float, List[int]] = {}
+        for i, s in enumerate(steps):
+            by_step.setdefault(float(s), []).append(i)
+        beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
+        for step, idx in by_step.items():
+            ps = [b.params[i] for i in idx]
+            b.ops.restore_adam(
+                ps, None if saved is None else [saved[i] for i in idx], [d[i] for i in idx],
+                [state[p]["exp_avg"] for p in ps], [state[p]["exp_avg_sq"] for p in ps],
+                [state[p]["max_exp_avg_sq"] for p in ps] if amsgrad else [],
+                step=int(step), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
+                maximize=group["maximize"],
+            )

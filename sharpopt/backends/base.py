@@ -1,0 +1,174 @@
+"""The primitive passes every backend implements.
+
+Every algorithm in sharpopt is written once (in ``sharpopt/<algorithm>.py``) as a short
+sequence of the passes below. A backend is an object with these methods; the optimizer
+wrappers never touch a tensor's elements themselves. Adding a backend therefore means
+implementing these eight passes, and its tests are the same suite run against
+``reference``.
+
+Conventions shared by every pass:
+
+* Every list argument holds tensors of **one device and one dtype** (the wrappers split
+  mixed groups before calling), all of the same length ``n``. Entries are aligned by
+  index: ``params[i]``, ``grads[i]``, ``saved[i]`` belong to the same parameter.
+* Tensors are dense and contiguous. ``params``, ``saved`` and the optimizer state have the
+  parameter's dtype; ``row_means`` buffers are fp32 (fp64 for fp64 parameters).
+* Scalars (``scale``, the entries of ``coefs``) are Python floats or 0-dim fp32 tensors on
+  the tensors' device. A pass never calls ``.item()`` on them: norms stay on the device.
+* Reductions (``sumsq``, ``dot``) return a 0-dim tensor on the tensors' device, fp32
+  (fp64 for fp64 inputs), accumulated in that precision at least; with ``n == 0`` they
+  return zero.
+* Arithmetic on bf16/fp16 tensors is carried out in fp32 and rounded once when stored.
+
+Notation used below: ``C(g)`` is gradient centralisation (for a tensor with ``dim > 1``,
+``g[r, ...] - mean(g[r, ...])`` per row ``r``; identity otherwise); ``T = |w| + eta`` when
+``adaptive`` and ``1`` otherwise, where ``w`` is the unperturbed parameter.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Scalar = Union[float, Tensor]
+
+
+class Ops:
+    """Interface of a backend. See the module docstring for the shared conventions."""
+
+    #: Registry name (``"reference"``, ``"foreach"``, ``"cpu"``, ...).
+    name: str = "?"
+    #: True when :meth:`restore_sgd` / :meth:`restore_adam` are worth calling, i.e. the
+    #: backend merges the restore with the base update. ``reference`` says False: it
+    #: restores and then lets ``torch.optim`` itself step, which is what defines the numbers.
+    fuses_base_update: bool = True
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can run on tensors of ``device``."""
+        raise NotImplementedError
+
+    # -- reductions -------------------------------------------------------------------
+    def sumsq(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        *,
+        adaptive: bool,
+        eta: float,
+        centralize: bool,
+        row_means: Optional[Sequence[Optional[Tensor]]] = None,
+    ) -> Tensor:
+        """``Σ_i ‖T_i ⊙ C_i(g_i)‖²`` (``C`` applied only when ``centralize``).
+
+        When ``row_means`` is given, ``row_means[i]`` is either None (the tensor has
+        ``dim <= 1``) or an fp32 buffer of ``g_i.shape[0]`` elements that receives the
+        per-row mean of ``g_i`` (accumulated in the buffer's precision), so that :meth:`perturb` can centralise without a second
+        reduction. This is independent of ``centralize`` (GCSAM's "raw" norm wants the
+        plain norm but a centralised direction).
+        """
+        raise NotImplementedError
+
+    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        """``Σ_i ⟨x_i, y_i⟩``."""
+        raise NotImplementedError
+
+    # -- elementwise passes -----------------------------------------------------------
+    def perturb(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        saved: Sequence[Tensor],
+        scale: Scalar,
+        *,
+        adaptive: bool,
+        eta: float,
+        row_means: Optional[Sequence[Optional[Tensor]]] = None,
+        save: bool = True,
+    ) -> None:
+        """``saved ← w`` (only when ``save``), then ``w ← saved + scale · T² ⊙ C(g)``.
+
+        ``T = |saved| + eta`` is taken from the saved (unperturbed) weights, so the same
+        call with ``save=False`` and a negated scale gives CR-SAM's ``w − e``.
+        ``C`` is applied to the tensors whose ``row_means[i]`` is not None, with those
+        means; with ``row_means=None`` nothing is centralised.
+        """
+        raise NotImplementedError
+
+    def restore(self, params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+        """``w ← saved``, bit for bit."""
+        raise NotImplementedError
+
+    def lincomb(
+        self, out: Sequence[Tensor], xs: Sequence[Sequence[Tensor]], coefs: Sequence[Scalar]
+    ) -> None:
+        """``out_i ← Σ_k coefs[k] · xs[k][i]`` for 1 to 3 terms; ``out`` may alias any ``xs[k]``."""
+        raise NotImplementedError
+
+    # -- restore merged with the base optimizer's update --------------------------------
+    def restore_sgd(
+        self,
+        params: Sequence[Tensor],
+        saved: Optional[Sequence[Tensor]],
+        grads: Sequence[Tensor],
+        momentum_buffers: Sequence[Tensor],
+        *,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        maximize: bool,
+        init_buffers: bool,
+    ) -> None:
+        """``w ← saved`` (skipped when ``saved`` is None), then one ``torch.optim.SGD`` step
+        with gradient ``d = grads``::
+
+            d ← (−d if maximize else d) + weight_decay · w
+            buf ← d                                  if init_buffers (first step)
+            buf ← momentum · buf + (1 − dampening) · d   otherwise
+            d ← d + momentum · buf if nesterov else buf  (only when momentum ≠ 0)
+            w ← w − lr · d
+
+        With ``momentum == 0`` ``momentum_buffers`` is empty and ignored.
+        """
+        raise NotImplementedError
+
+    def restore_adam(
+        self,
+        params: Sequence[Tensor],
+        saved: Optional[Sequence[Tensor]],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor],
+        *,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None:
+        """``w ← saved`` (skipped when None), then one ``torch.optim.Adam``/``AdamW`` step
+        with gradient ``d = grads``; ``step`` is the already incremented step count::
+
+            d ← −d if maximize else d
+            w ← w · (1 − lr · weight_decay)        if decoupled   (AdamW)
+            d ← d + weight_decay · w               otherwise      (Adam)
+            m ← m + (1 − beta1) · (d − m)
+            v ← beta2 · v + (1 − beta2) · d²
+            vmax ← max(vmax, v)                    if amsgrad (then v ← vmax below)
+            w ← w − lr / (1 − beta1^step) · m / (√v / √(1 − beta2^step) + eps)
+
+        With ``amsgrad`` False ``max_exp_avg_sqs`` is empty and ignored.
+        """
+        raise NotImplementedError
+
+
+def centralize_dims(t: Tensor) -> tuple:
+    """The dimensions GC averages over: every one but the first (empty for ``dim <= 1``)."""
+    return tuple(range(1, t.dim()))

@@ -1,0 +1,93 @@
+"""CR-SAM: curvature-regularized SAM (Wu et al., 2024). Closure only (three passes).
+
+With ``e`` as SAM's, three gradients of the same batch::
+
+    g0 = ∇L(w),   g+ = ∇L(w + e),   g− = ∇L(w − e)
+    d  = g+ + gamma · (g+ + g− − 2·g0) + beta · (g+ − g−)
+       = (1 + gamma + beta) · g+ + (gamma − beta) · g− − 2·gamma · g0
+    restore w;  Base.step(d)
+
+Defaults ``gamma = 0.1``, ``beta = 0.1``.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ._core import Bucket, _check_positive
+from .sam import SAM
+
+__all__ = ["CRSAM"]
+
+
+class CRSAM(SAM):
+    """CR-SAM; see the module docstring. Use ``step(closure)``."""
+
+    closure_only = True
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, gamma=0.1, beta=0.1, *,
+                 adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
+        _check_positive("gamma", gamma)
+        _check_positive("beta", beta)
+        self.gamma, self.beta = float(gamma), float(beta)
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
+                         backend=backend, **base_kwargs)
+
+    def step(self, closure=None):
+        """``closure`` runs forward + backward on one batch and returns the loss; it is
+        evaluated at ``w``, ``w + e`` and ``w − e``. Returns the loss at ``w``."""
+        if closure is None:
+            raise RuntimeError("CRSAM.step() needs a closure: it evaluates the gradient at "
+                               "w, w + e and w - e")
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        loss = closure()
+        with torch.no_grad():
+            buckets = self._gather()
+            for b in buckets:
+                self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
+            self._perturb(buckets)
+            self._perturbed = buckets
+        try:
+            self.zero_grad()
+            closure()
+            with torch.no_grad():
+                self._require_grads(buckets)
+                for b in buckets:
+                    self._lincomb(b, self._buffers("gplus", b.params), [(1.0, b.grads)])
+                self._perturb_minus(buckets)
+            self.zero_grad()
+            closure()
+            self._require_grads(buckets)
+        except BaseException:
+            with torch.no_grad():
+                self._abort()
+            raise
+        with torch.no_grad():
+            self._perturbed = None
+            g, bt = self.gamma, self.beta
+            for b in buckets:
+                self._lincomb(b, b.grads, [(1 + g + bt, self._buffers("gplus", b.params)),
+                                           (g - bt, b.grads),
+                                           (-2 * g, self._buffers("g0", b.params))])
+            self._restore_and_update(buckets)
+            self._calls += 1
+        return loss
+
+    @staticmethod
+    def _require_grads(buckets: List[Bucket]) -> None:
+        if any(p.grad is None for b in buckets for p in b.params):
+            raise RuntimeError("CRSAM: a parameter that had a gradient at w has none at a "
+                               "perturbed point; the closure must use the same parameters")
+
+    def _perturb_minus(self, buckets: List[Bucket]) -> None:
+        """``w ← saved − e``: the same ascent as the first, mirrored (``e`` from ``g0``)."""
+        g0 = lambda b: self._buffers("g0", b.params)
+        adaptive = buckets[0].group["adaptive"] if buckets else False
+        norm = self._norm(buckets, g0, adaptive=adaptive)
+        denom = norm + self.eps
+        for b in buckets:
+            scale = -self._on(self._rho(b.group), b.device) / denom.to(b.device)
+            b.ops.perturb(b.params, g0(b), self._buffers("saved", b.params), scale,
+                          adaptive=adaptive, eta=b.group["eta"], save=False)

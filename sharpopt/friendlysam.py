@@ -1,0 +1,54 @@
+"""Friendly-SAM (Li et al., 2024): perturb along the gradient minus its running mean.
+
+::
+
+    d = g − sigma · m          (m from the previous steps)
+    m ← lam · m + (1 − lam) · g
+    e = rho · d / (‖d‖ + eps);   w ← w + e;   g_adv = ∇L(w + e);   restore w;  Base.step(g_adv)
+
+On the very first step there is no ``m``: ``m = g`` and the ascent follows the raw ``g``.
+``m`` is optimizer state (``"momentum"`` in ``state_dict``). Defaults ``sigma = 1``,
+``lam = 0.95``.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ._core import Bucket, _check_positive
+from .sam import SAM
+
+__all__ = ["FriendlySAM"]
+
+
+class FriendlySAM(SAM):
+    """Friendly-SAM; see the module docstring for the update rule."""
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, sigma=1.0, lam=0.95, *,
+                 adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
+        _check_positive("sigma", sigma)
+        if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):
+            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        self.sigma, self.lam = float(sigma), float(lam)
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
+                         backend=backend, **base_kwargs)
+
+    def _ascent(self, buckets: List[Bucket]) -> bool:
+        for b in buckets:
+            d = self._buffers("d", b.params)
+            old = [i for i, p in enumerate(b.params) if "momentum" in self.state[p]]
+            new = [i for i, p in enumerate(b.params) if "momentum" not in self.state[p]]
+            pick = lambda xs, idx: [xs[i] for i in idx]
+            g = b.grads
+            if old:
+                m = [self.state[b.params[i]]["momentum"] for i in old]
+                b.ops.lincomb(pick(d, old), [pick(g, old), m], [1.0, -self.sigma])
+                b.ops.lincomb(m, [m, pick(g, old)], [self.lam, 1.0 - self.lam])
+            if new:
+                b.ops.lincomb(pick(d, new), [pick(g, new)], [1.0])
+                for i in new:
+                    self.state[b.params[i]]["momentum"] = g[i].detach().clone(
+                        memory_format=torch.contiguous_format)
+        self._perturb(buckets, grads_of=lambda b: self._buffers("d", b.params))
+        return True

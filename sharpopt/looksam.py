@@ -1,0 +1,69 @@
+"""LookSAM (Liu et al., 2022): the full SAM step every ``k`` calls, a cheap reuse between.
+
+On every k-th call (the first, k+1-th, ...): SAM's two passes, and the component of the
+adversarial gradient orthogonal to ``g`` is kept::
+
+    g_v = g_adv − ‖g_adv‖ · cos(g, g_adv) · ĝ  =  g_adv − (⟨g, g_adv⟩ / ‖g‖²) · g
+    restore w;  Base.step(g_adv)
+
+On the other calls (one pass; ``first_step`` applies the update and returns False)::
+
+    d = g + alpha · (‖g‖ / ‖g_v‖) · g_v;   Base.step(d)
+
+``g_v`` is optimizer state (saved in ``state_dict`` as ``"g_v"``). Defaults ``k = 5``,
+``alpha = 0.7``.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ._core import Bucket, _check_positive
+from .sam import SAM
+
+__all__ = ["LookSAM"]
+
+
+class LookSAM(SAM):
+    """LookSAM; see the module docstring for the update rule."""
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, k=5, alpha=0.7, *,
+                 adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
+        _check_positive("alpha", alpha)
+        self.alpha = float(alpha)
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps, k=k,
+                         backend=backend, **base_kwargs)
+
+    def _g_v(self, params) -> List[torch.Tensor]:
+        out = []
+        for p in params:
+            st = self.state[p]
+            if "g_v" not in st:
+                st["g_v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            out.append(st["g_v"])
+        return out
+
+    def _ascent(self, buckets: List[Bucket]) -> bool:
+        if self._sharp_step() or any("g_v" not in self.state[p]
+                                     for b in buckets for p in b.params):
+            for b in buckets:
+                self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
+            self._perturb(buckets)
+            return True
+        g_norm = self._norm(buckets, lambda b: b.grads)
+        gv_norm = self._norm(buckets, lambda b: self._g_v(b.params))
+        coef = self.alpha * g_norm / (gv_norm + self.eps)
+        for b in buckets:
+            self._lincomb(b, b.grads, [(1.0, b.grads), (coef, self._g_v(b.params))])
+        self._restore_and_update(buckets, restore=False)
+        return False
+
+    def _descent(self, buckets: List[Bucket]) -> None:
+        g0 = lambda b: self._buffers("g0", b.params)
+        dot = self._dot(buckets, g0, lambda b: b.grads)
+        g_sq = self._norm(buckets, g0).square()
+        coef = -dot / (g_sq + self.eps)
+        for b in buckets:
+            self._lincomb(b, self._g_v(b.params), [(1.0, b.grads), (coef, g0(b))])
+        self._restore_and_update(buckets)

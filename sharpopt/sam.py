@@ -1,0 +1,141 @@
+"""SAM, ASAM and GCSAM (and SAM every ``k`` steps): one ascent, one restore + update.
+
+All three perturb along the same family of directions::
+
+    v = C(g)          C = gradient centralisation (GCSAM) or the identity
+    T = |w| + eta     (adaptive) or 1
+    e = rho · T² ⊙ v / (‖T ⊙ u‖ + eps)       u = v, or u = g for GCSAM's norm="raw"
+    w ← w + e;   g_adv = ∇L(w + e);   restore w;   Base.step(g_adv)
+
+``rho`` is per param group; the norm is one global norm over every parameter that has a
+gradient. With ``k > 1`` the two-pass step runs on every k-th call (the 1st, k+1-th, ...)
+and the other calls are a plain ``Base.step(g)``: ``first_step`` then applies the update
+itself and returns False.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ._core import Bucket, SharpnessAware, _check_positive
+
+__all__ = ["SAM", "ASAM", "GCSAM"]
+
+
+class SAM(SharpnessAware):
+    r"""Sharpness-Aware Minimization (Foret et al., 2020), a drop-in for the common wrapper.
+
+    .. code-block:: python
+
+        opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        loss_fn(model(x), y).backward(); opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
+        # or: opt.step(closure)   # closure: zero-free forward + backward, returns the loss
+
+    Update: ``e = rho · g / (‖g‖ + eps)``; ``w ← w + e``; ``g_adv = ∇L(w + e)``;
+    restore ``w`` bit for bit; ``Base.step(g_adv)``. With ``adaptive=True`` (ASAM),
+    ``e = rho · T² ⊙ g / (‖T ⊙ g‖ + eps)`` with ``T = |w| + eta``.
+
+    Args:
+        params: tensors, dicts (per-group ``rho`` allowed) or named parameters.
+        base_optimizer: a ``torch.optim`` class; ``SGD``, ``Adam`` and ``AdamW`` are
+            merged with the restore by the fused backends, any other class is stepped as is.
+        rho: radius of the ascent (per group), ``>= 0``. ``rho=0`` is the base optimizer.
+        adaptive: scale the ascent by ``T² = (|w| + eta)²`` (ASAM).
+        eta: ASAM's offset (``0`` = the common PyTorch variant, ``0.01`` = the paper).
+        eps: added to the norm before dividing.
+        k: run the two-pass step every ``k`` calls, a plain base step otherwise.
+        backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"`` (``$SHARPOPT_BACKEND`` replaces ``"auto"``).
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+    """
+
+    _centralize_direction = False
+    _centralize_norm = False
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
+                 eta=0.0, eps=1e-12, k=1, backend="auto", **base_kwargs):
+        _check_positive("eta", eta)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self.k = k
+        super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive), eta=eta),
+                         backend=backend, eps=eps, **base_kwargs)
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        _check_positive("eta", group.get("eta", 0.0))
+
+    def _sharp_step(self) -> bool:
+        """Whether this call perturbs (every k-th call, counting from the first)."""
+        return self._calls % self.k == 0
+
+    def _rho(self, group: dict):
+        return group["rho"]
+
+    def _perturb(self, buckets: List[Bucket], grads_of=lambda b: b.grads) -> None:
+        """``saved ← w;  w ← w + rho · T² ⊙ C(v) / (‖T ⊙ u‖ + eps)`` for ``v = grads_of``."""
+        adaptive = any(b.group["adaptive"] for b in buckets)
+        if adaptive and not all(b.group["adaptive"] for b in buckets):
+            raise ValueError("adaptive must be the same in every param group (the norm is global)")
+        centralize = self._centralize_direction
+        norm = self._norm(buckets, grads_of, adaptive=adaptive, centralize=self._centralize_norm,
+                          row_means=centralize)
+        denom = norm + self.eps
+        for b in buckets:
+            scale = self._on(self._rho(b.group), b.device) / denom.to(b.device)
+            b.ops.perturb(
+                b.params, grads_of(b), self._buffers("saved", b.params), scale,
+                adaptive=adaptive, eta=b.group["eta"],
+                row_means=self._row_means(b.params) if centralize else None,
+            )
+
+    def _ascent(self, buckets: List[Bucket]) -> bool:
+        if not self._sharp_step():
+            self._restore_and_update(buckets, restore=False)
+            return False
+        self._perturb(buckets)
+        return True
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., 2021): :class:`SAM` with ``adaptive=True``.
+
+    ``e = rho · T² ⊙ g / (‖T ⊙ g‖ + eps)``, ``T = |w| + eta``; defaults ``rho=0.5`` and
+    ``eta=0.01`` as in the paper (``eta=0`` gives the common wrapper's ``adaptive=True``).
+    """
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.5, *, eta=0.01, eps=1e-12,
+                 k=1, backend="auto", **base_kwargs):
+        super().__init__(params, base_optimizer, rho, True, eta=eta, eps=eps, k=k,
+                         backend=backend, **base_kwargs)
+
+
+class GCSAM(SAM):
+    """Gradient-Centralized SAM (Hassan et al., 2025): the ascent uses ``g_c = GC(g)``.
+
+    ``GC(g)[i, ...] = g[i, ...] − mean(g[i, ...])`` for tensors with ``dim > 1`` (one mean per
+    output row), identity for biases and norm weights. GC applies to the ascent only; the
+    base optimizer steps with the raw ``g_adv``.
+
+    * ``norm="centralized"`` (default, the paper): ``e = rho · g_c / (‖g_c‖ + eps)``, so
+      ``‖e‖ = rho``.
+    * ``norm="raw"`` (the authors' released code): ``e = rho · g_c / (‖g‖ + eps)``, so
+      ``‖e‖ <= rho``.
+
+    With ``adaptive=True`` the direction is multiplied by ``T²`` and the norm by ``T`` as in
+    ASAM.
+    """
+
+    _centralize_direction = True
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
+                 norm="centralized", eta=0.0, eps=1e-12, k=1, backend="auto", **base_kwargs):
+        if norm not in ("centralized", "raw"):
+            raise ValueError(f"norm must be 'centralized' (the paper) or 'raw' (the authors' "
+                             f"code), got {norm!r}")
+        self.norm = norm
+        self._centralize_norm = norm == "centralized"
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps, k=k,
+                         backend=backend, **base_kwargs)

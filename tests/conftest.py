@@ -1,0 +1,70 @@
+"""Shared test setup: which backends the suites run, and comparison helpers.
+
+Every fast backend is compared with ``reference``. A backend that cannot run here is
+skipped with its reason, unless it is named in ``$SHARPOPT_REQUIRE_BACKENDS`` (comma
+separated; CI names the ones this machine must have), in which case that is a failure.
+``$SHARPOPT_TEST_BACKENDS`` narrows the list (e.g. ``triton`` under the interpreter).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors only under its interpreter, which must be switched on
+# before triton is first imported. Without a GPU the whole session runs that way (it
+# changes nothing for code that is not a Triton kernel).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sharpopt.backends import BACKENDS, BackendUnavailable, _load  # noqa: E402
+
+FAST_BACKENDS = [n for n in BACKENDS if n != "reference"]
+_only = os.environ.get("SHARPOPT_TEST_BACKENDS")
+if _only:
+    FAST_BACKENDS = [n.strip() for n in _only.split(",") if n.strip()]
+REQUIRED = {n.strip() for n in os.environ.get("SHARPOPT_REQUIRE_BACKENDS", "").split(",")
+            if n.strip()}
+
+# Elementwise tolerances (rtol, atol) per dtype, for whole multi-step trajectories.
+# fp32/fp64: only summation order differs from the reference. bf16: each stored value is
+# rounded to 8 bits of mantissa, and the backends round at different points (foreach
+# after every op, the fused kernels once), so a few ulps of bf16 (2^-8 each) apart.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (3e-2, 1e-2),
+    torch.float16: (5e-3, 1e-3),
+}
+
+
+def require_backend(name: str, device: torch.device = torch.device("cpu")):
+    """The backend's Ops, or skip (fail when the backend is required)."""
+    try:
+        ops = _load(name)
+        if not ops.supports(device):
+            raise BackendUnavailable(f"backend {name!r} does not run on {device.type} here")
+    except BackendUnavailable as exc:
+        if name in REQUIRED:
+            pytest.fail(f"required backend unavailable: {exc}")
+        pytest.skip(str(exc))
+    return ops
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype=None):
+    """``torch.testing.assert_close`` with the per-dtype tolerance and a message naming
+    ``what`` (e.g. ``"step 3, param 2 (conv.weight), exp_avg"``)."""
+    rtol, atol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(
+        actual.float() if actual.dtype != torch.float64 else actual,
+        expected.float() if expected.dtype != torch.float64 else expected,
+        rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}",
+    )
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def fast_backend(request):
+    require_backend(request.param)
+    return request.param
