@@ -12,11 +12,12 @@ from .gsam import GSAM
 from .looksam import LookSAM
 from .rbo import RBO
 from .sam import ASAM, GCSAM, SAM
+from .training import freeze_bn_stats
 from .wsam import WSAM
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SAM", "ASAM", "GCSAM", "GSAM", "WSAM", "CRSAM", "RBO", "LookSAM", "FriendlySAM",
-    "BackendUnavailable", "available_backends",
+    "BackendUnavailable", "available_backends", "freeze_bn_stats",
 ]

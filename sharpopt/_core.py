@@ -106,7 +106,18 @@ class _Core(Optimizer):
         by_key: Dict[tuple, List[Tensor]] = {}
         for p in params:
             by_key.setdefault((p.device, p.dtype), []).append(p)
-        return [Bucket(self._ops_for(dev), ps, group) for (dev, _), ps in by_key.items()]
+        buckets = [Bucket(self._ops_for(dev), ps, group) for (dev, _), ps in by_key.items()]
+        for b in buckets:
+            if b.ops.requires_contiguous:
+                for p in b.params:
+                    if not (p.is_contiguous() and p.grad.is_contiguous()):
+                        raise ValueError(
+                            f"backend {b.ops.name!r} needs contiguous parameters and "
+                            f"gradients; one of shape {tuple(p.shape)} is not (call "
+                            ".contiguous() on it before building the optimizer, or use "
+                            "backend='foreach')"
+                        )
+        return buckets
 
     def _gather(self, params_of: Optional[Callable[[dict], Sequence[Tensor]]] = None
                 ) -> List[Bucket]:
@@ -193,7 +204,7 @@ class SharpnessAware(_Core):
     closure_only = False
 
     def __init__(self, params, base_optimizer, defaults: dict, *, backend="auto",
-                 eps=1e-12, **base_kwargs):
+                 eps=1e-12, check_finite=True, **base_kwargs):
         if isinstance(base_optimizer, Optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class (e.g. torch.optim.SGD), not an "
@@ -207,6 +218,7 @@ class SharpnessAware(_Core):
                 _check_positive(key, defaults[key])
         self._algo_defaults = dict(defaults)
         self._perturbed: Optional[List[Bucket]] = None
+        self.check_finite = bool(check_finite)
         self._calls = 0
         super().__init__(params, defaults, backend=backend, eps=eps)
         for group in self.param_groups:
@@ -272,28 +284,42 @@ class SharpnessAware(_Core):
         ``Base.step(g_adv)`` after restoring ``w``."""
         self._restore_and_update(buckets)
 
+    def _will_perturb(self) -> bool:
+        """Whether this call's first step perturbs (False on the cheap steps of a variant)."""
+        return True
+
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> bool:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> bool:
         """Ascent: perturb ``w`` from the current gradients (saving ``w``).
 
         Returns True when the caller must run a second forward/backward at the perturbed
         weights and then call :meth:`second_step`. Variants that skip the ascent on some
-        steps (``k > 1``, LookSAM) finish the whole update here and return False.
+        steps (``k > 1``, LookSAM) finish the whole update here and return False, and so
+        does a step skipped because a ``grad_scaler`` found inf/NaN gradients.
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the loss; the gradients
+        are unscaled here (pass the same scaler to :meth:`second_step`, then call
+        ``grad_scaler.update()`` as usual).
         """
         if self.closure_only:
             raise RuntimeError(
                 f"{type(self).__name__} needs more than two gradient evaluations per step: "
                 "call step(closure) with a closure that runs forward and backward"
             )
-        return self._first(zero_grad)
+        return self._first(zero_grad, grad_scaler)
 
-    def _first(self, zero_grad: bool) -> bool:
+    def _first(self, zero_grad: bool, grad_scaler=None) -> bool:
         if self._perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already "
                 "perturbed"
             )
         buckets = self._gather()
+        if not self._gradients_ok(buckets, grad_scaler, record=not self._will_perturb(),
+                                  when="the first pass"):
+            if zero_grad:
+                self.zero_grad()
+            return False
         perturbed = self._ascent(buckets)
         self._calls += 1
         if perturbed:
@@ -303,26 +329,39 @@ class SharpnessAware(_Core):
         return perturbed
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` exactly and apply the base optimizer's update."""
+    def second_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+        """Restore ``w`` exactly and apply the base optimizer's update.
+
+        With ``grad_scaler``, an inf/NaN in this pass restores ``w`` and skips the update
+        (the optimizer state is untouched); ``grad_scaler.update()`` then lowers the scale.
+        """
         if self.closure_only:
             raise RuntimeError(
                 f"{type(self).__name__} needs step(closure); first_step/second_step are "
                 "not available for it"
             )
-        self._second(zero_grad)
+        self._second(zero_grad, grad_scaler)
 
-    def _second(self, zero_grad: bool) -> None:
+    def _second(self, zero_grad: bool, grad_scaler=None) -> None:
         if self._perturbed is None:
             raise RuntimeError(
                 "second_step() called without a matching first_step() (or first_step() "
                 "returned False: the update was already applied on that step)"
             )
-        buckets, self._perturbed = self._perturbed, None
+        buckets = self._perturbed
         missing = [b for b in buckets if any(p.grad is None for p in b.params)]
         if missing:
             buckets = self._restore_missing(buckets)
-        self._descent(buckets)
+        try:
+            ok = self._gradients_ok(buckets, grad_scaler, record=True, when="the second pass")
+        except BaseException:
+            self._abort()
+            raise
+        if not ok:
+            self._abort()
+        else:
+            self._perturbed = None
+            self._descent(buckets)
         if zero_grad:
             self.zero_grad()
 
@@ -339,12 +378,60 @@ class SharpnessAware(_Core):
                 kept.append(Bucket(b.ops, have, b.group))
         return kept
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+    # -- non-finite gradients and loss scaling -------------------------------------------
+    def _gradients_ok(self, buckets: List[Bucket], grad_scaler, *, record: bool,
+                      when: str) -> bool:
+        """Unscale the gradients (with a scaler) and look for inf/NaN.
+
+        With an enabled ``grad_scaler``: returns False when a gradient is not finite (the
+        caller skips the step). ``record`` means this is the pass whose check the scaler
+        must see: it goes through ``grad_scaler.unscale_``, which may be called once per
+        step; the other pass unscales with the same kernel on its own.
+        Without a scaler and with ``check_finite``: raises ``FloatingPointError`` (the
+        weights and state are left as they were). Both cost one read of the gradients and
+        one host synchronisation; ``check_finite=False`` removes them.
+        """
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            if record:
+                grad_scaler.unscale_(self.base_optimizer)
+                state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
+                found = self._total(v.reshape(()) for v in state["found_inf_per_device"].values())
+                return not bool(found.item())
+            inv = grad_scaler._scale.double().reciprocal().float()
+            if bool(self._nonfinite(buckets, inv).item()):
+                # The step is skipped: let the scaler see the inf so update() backs off.
+                grad_scaler.unscale_(self.base_optimizer)
+                return False
+            return True
+        if self.check_finite and bool(self._nonfinite(buckets, None).item()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: a gradient in {when} contains inf or NaN; the "
+                "weights and optimizer state were left as they were. Use a "
+                "torch.amp.GradScaler (grad_scaler=) to skip such steps, or fix the loss."
+            )
+        return True
+
+    def _nonfinite(self, buckets: List[Bucket], inv_scale: Optional[Tensor]) -> Tensor:
+        """Count of devices with a non-finite gradient; multiplies grads by ``inv_scale``."""
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for b in buckets:
+            by_device.setdefault(b.device, []).extend(b.grads)
+        parts = []
+        for device, grads in by_device.items():
+            found = torch.zeros(1, dtype=torch.float32, device=device)
+            inv = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None \
+                else inv_scale.to(device).reshape(1)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
+            parts.append(found.reshape(()))
+        return self._total(parts)
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, *, grad_scaler=None):
         """One whole step: ``closure`` (forward + backward, returns the loss) is evaluated
         at ``w`` and, when the algorithm perturbs, again at the perturbed weights.
 
         Gradients present before the call are discarded, so the result is the same whether
-        or not the caller already ran a backward pass. Returns the loss at ``w``.
+        or not the caller already ran a backward pass. Returns the loss at ``w``. With
+        ``grad_scaler``, the closure must call ``grad_scaler.scale(loss).backward()``.
         """
         if closure is None:
             raise RuntimeError(
@@ -355,7 +442,7 @@ class SharpnessAware(_Core):
         self.zero_grad()
         loss = closure()
         with torch.no_grad():
-            perturbed = self._first(zero_grad=True)
+            perturbed = self._first(True, grad_scaler)
         if perturbed:
             try:
                 closure()
@@ -364,7 +451,7 @@ class SharpnessAware(_Core):
                     self._abort()
                 raise
             with torch.no_grad():
-                self._second(zero_grad=False)
+                self._second(False, grad_scaler)
         return loss
 
     def _abort(self) -> None:

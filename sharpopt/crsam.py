@@ -34,9 +34,12 @@ class CRSAM(SAM):
         super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
                          backend=backend, **base_kwargs)
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scaler=None):
         """``closure`` runs forward + backward on one batch and returns the loss; it is
         evaluated at ``w``, ``w + e`` and ``w − e``. Returns the loss at ``w``."""
+        if grad_scaler is not None:
+            raise NotImplementedError("CRSAM does not take a GradScaler; use bf16 autocast, "
+                                      "which needs no loss scaling")
         if closure is None:
             raise RuntimeError("CRSAM.step() needs a closure: it evaluates the gradient at "
                                "w, w + e and w - e")
@@ -45,6 +48,7 @@ class CRSAM(SAM):
         loss = closure()
         with torch.no_grad():
             buckets = self._gather()
+            self._gradients_ok(buckets, None, record=False, when="the pass at w")
             for b in buckets:
                 self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
             self._perturb(buckets)
@@ -54,12 +58,15 @@ class CRSAM(SAM):
             closure()
             with torch.no_grad():
                 self._require_grads(buckets)
+                self._gradients_ok(buckets, None, record=False, when="the pass at w + e")
                 for b in buckets:
                     self._lincomb(b, self._buffers("gplus", b.params), [(1.0, b.grads)])
                 self._perturb_minus(buckets)
             self.zero_grad()
             closure()
             self._require_grads(buckets)
+            with torch.no_grad():
+                self._gradients_ok(buckets, None, record=False, when="the pass at w - e")
         except BaseException:
             with torch.no_grad():
                 self._abort()

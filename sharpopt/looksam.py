@@ -44,9 +44,14 @@ class LookSAM(SAM):
             out.append(st["g_v"])
         return out
 
+    def _will_perturb(self) -> bool:
+        """Every k-th call, and whenever a parameter has no ``g_v`` yet."""
+        return super()._will_perturb() or any(
+            "g_v" not in self.state[p]
+            for group in self.param_groups for p in group["params"] if p.grad is not None)
+
     def _ascent(self, buckets: List[Bucket]) -> bool:
-        if self._sharp_step() or any("g_v" not in self.state[p]
-                                     for b in buckets for p in b.params):
+        if self._will_perturb():
             for b in buckets:
                 self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
             self._perturb(buckets)

@@ -67,7 +67,7 @@ class SAM(SharpnessAware):
         super()._check_group(group)
         _check_positive("eta", group.get("eta", 0.0))
 
-    def _sharp_step(self) -> bool:
+    def _will_perturb(self) -> bool:
         """Whether this call perturbs (every k-th call, counting from the first)."""
         return self._calls % self.k == 0
 
@@ -92,7 +92,7 @@ class SAM(SharpnessAware):
             )
 
     def _ascent(self, buckets: List[Bucket]) -> bool:
-        if not self._sharp_step():
+        if not self._will_perturb():
             self._restore_and_update(buckets, restore=False)
             return False
         self._perturb(buckets)

@@ -43,6 +43,9 @@ class Ops:
     #: backend merges the restore with the base update. ``reference`` says False: it
     #: restores and then lets ``torch.optim`` itself step, which is what defines the numbers.
     fuses_base_update: bool = True
+    #: True when the passes index raw memory: the wrappers then refuse non-contiguous
+    #: parameters with a clear error instead of letting a kernel read the wrong elements.
+    requires_contiguous: bool = False
 
     def supports(self, device: torch.device) -> bool:
         """Whether this backend can run on tensors of ``device``."""

@@ -68,6 +68,8 @@ class ForeachOps(Ops):
         if len(grads) == 0:
             return torch.zeros((), dtype=torch.float32)
         grads = list(grads)
+        if _low(grads) and (adaptive or centralize or row_means is not None):
+            grads, params = [g.float() for g in grads], [w.float() for w in params]
         means = [
             g.to(torch.float64 if g.dtype == torch.float64 else torch.float32).mean(dim=centralize_dims(g)) if (g.dim() > 1 and g.numel() and
                                                         (centralize or row_means is not None))
