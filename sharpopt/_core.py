@@ -487,6 +487,9 @@ class SharpnessAware(_Core):
                             ) -> None:
         """``w ← saved`` (when ``restore``) and ``Base.step(d)``; ``d`` is ``p.grad``
         unless ``directions`` gives other tensors."""
+        # An LR scheduler on either object warns unless it sees an optimizer step; the
+        # fused path never calls step(), so say that one happened.
+        self._opt_called = self.base_optimizer._opt_called = True
         kind = self._fusable()
         if kind is None or not all(b.ops.fuses_base_update for b in buckets):
             for b in buckets:

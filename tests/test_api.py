@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -151,8 +152,13 @@ def test_param_groups_are_shared_with_base_and_scheduler_works():
     assert opt.param_groups is opt.base_optimizer.param_groups
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = data(1)[0]
-    opt.step(closure_for(model, x, y))
-    sched.step()
+    closure_for(model, x, y)()
+    opt.first_step(zero_grad=True)
+    closure_for(model, x, y)()
+    opt.second_step(zero_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # no "scheduler.step() before optimizer.step()"
+        sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
