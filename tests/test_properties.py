@@ -44,19 +44,12 @@ def ops(request):
     return require_backend(request.param)
 
 
-def _skip_dtype(ops, dtype):
-    if ops.name == "triton" and dtype == torch.float64:
-        pytest.skip("triton takes fp32/bf16/fp16")
-
-
 @SETTINGS
 @given(shape_list=shapes, dtype=dtypes, seed=st.integers(0, 2 ** 16),
        adaptive=st.booleans(), centralize=st.booleans(), eta=st.sampled_from([0.0, 0.01]),
        scale=st.floats(-2.0, 2.0))
 def test_sumsq_and_perturb_match_reference(ops, shape_list, dtype, seed, adaptive, centralize,
                                            eta, scale):
-    if ops.name == "triton" and dtype == torch.float64:
-        return
     g = tensors(shape_list, dtype, seed)
     w = tensors(shape_list, dtype, seed + 1)
     means = lambda: [torch.empty(t.shape[0], dtype=torch.float64 if dtype == torch.float64
@@ -83,8 +76,6 @@ def test_sumsq_and_perturb_match_reference(ops, shape_list, dtype, seed, adaptiv
 @given(shape_list=shapes, dtype=dtypes, seed=st.integers(0, 2 ** 16),
        coefs=st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=3), alias=st.booleans())
 def test_lincomb_and_dot_match_reference(ops, shape_list, dtype, seed, coefs, alias):
-    if ops.name == "triton" and dtype == torch.float64:
-        return
     xs = [tensors(shape_list, dtype, seed + k) for k in range(len(coefs))]
     d_ref, d_ops = REF.dot(xs[0], xs[-1]), ops.dot(xs[0], xs[-1])
     torch.testing.assert_close(d_ops.double().cpu(), d_ref.double(),
@@ -108,8 +99,6 @@ def test_lincomb_and_dot_match_reference(ops, shape_list, dtype, seed, coefs, al
        weight_decay=st.sampled_from([0.0, 1e-2]), lr=st.floats(1e-3, 1.0))
 def test_restore_sgd_matches_reference(ops, shape_list, dtype, seed, momentum, dampening,
                                        nesterov, maximize, init, weight_decay, lr):
-    if ops.name == "triton" and dtype == torch.float64:
-        return
     if nesterov and (momentum == 0 or dampening != 0):
         nesterov = False
     w, saved, d = (tensors(shape_list, dtype, seed + k) for k in range(3))
@@ -132,8 +121,6 @@ def test_restore_sgd_matches_reference(ops, shape_list, dtype, seed, momentum, d
        restore=st.booleans())
 def test_restore_adam_matches_reference(ops, shape_list, dtype, seed, step, amsgrad, decoupled,
                                         maximize, weight_decay, restore):
-    if ops.name == "triton" and dtype == torch.float64:
-        return
     w, saved, d, m = (tensors(shape_list, dtype, seed + k) for k in range(4))
     v = tensors(shape_list, dtype, seed + 4, positive=True)
     vmax = tensors(shape_list, dtype, seed + 5, positive=True) if amsgrad else []

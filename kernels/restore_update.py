@@ -1,0 +1,184 @@
+"""The descent step: restore ``w`` from ``saved`` and apply the base optimizer in one pass.
+
+The weights are read from ``saved`` (or from ``w`` when nothing was saved) and written
+once, so SAM + SGD-momentum costs 20 bytes per fp32 parameter (read saved, g, buf; write
+buf, w) and SAM + Adam(W) 28 (read saved, g, m, v; write m, v, w). The arithmetic follows
+the reference (``torch.optim``'s update, written out in ``Ops.restore_sgd`` /
+``Ops.restore_adam``) operation by operation; scalars derived from the hyper-parameters
+(``1 - dampening``, ``lr / (1 - beta1^step)``, ...) are computed on the host in double,
+as torch does, and rounded to the accumulation type in the kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import tables as tb
+from .tables import device_fn, block_of, div, load, pointer, sqrt, store
+
+
+@device_fn
+def _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, off, stop, lr, wd, mom, damp1,
+               HAS_SAVED: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               MAXIMIZE: tl.constexpr, INIT: tl.constexpr, ACC: tl.constexpr,
+               BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    if HAS_SAVED:
+        w = load(s_ptr, offs, stop, MASKED).to(ACC)
+    else:
+        w = load(w_ptr, offs, stop, MASKED).to(ACC)
+    d = load(g_ptr, offs, stop, MASKED).to(ACC)
+    if MAXIMIZE:
+        d = -d
+    d = d + wd * w
+    if MOMENTUM:
+        if INIT:
+            b = d
+        else:
+            b = mom * load(b_ptr, offs, stop, MASKED).to(ACC) + damp1 * d
+        store(b_ptr, offs, b, stop, MASKED)
+        if NESTEROV:
+            d = d + mom * b
+        else:
+            d = b
+    store(w_ptr, offs, w - lr * d, stop, MASKED)
+
+
+@triton.jit(do_not_specialize=["ntensors"])
+def _sgd_kernel(table, ntensors, lr: tl.float64, wd: tl.float64, mom: tl.float64,
+                damp1: tl.float64, HAS_SAVED: tl.constexpr, MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT: tl.constexpr,
+                DT: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    # Operand lists of the table: 0 params, 1 saved, 2 grads, 3 momentum buffers.
+    t, start, n, _, _ = block_of(table, ntensors, 4)
+    start = tl.multiple_of(start, CHUNK)
+    w_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
+    s_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
+    g_ptr = pointer(table, ntensors, t, 2, DT, ALIGNED)
+    b_ptr = pointer(table, ntensors, t, 3, DT, ALIGNED)
+    lr_ = tl.full([], lr, ACC)
+    wd_ = tl.full([], wd, ACC)
+    mom_ = tl.full([], mom, ACC)
+    damp1_ = tl.full([], damp1, ACC)
+    stop = tl.minimum(start + CHUNK, n)
+    full = start + (stop - start) // BLOCK * BLOCK
+    for off in range(start, full, BLOCK):
+        _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, off, stop, lr_, wd_, mom_, damp1_, HAS_SAVED,
+                   MOMENTUM, NESTEROV, MAXIMIZE, INIT, ACC, BLOCK, False)
+    if full < stop:
+        _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, full, stop, lr_, wd_, mom_, damp1_, HAS_SAVED,
+                   MOMENTUM, NESTEROV, MAXIMIZE, INIT, ACC, BLOCK, True)
+
+
+@device_fn
+def _adam_block(w_ptr, s_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, wd, decay, beta1c,
+                beta2, beta2c, step_size, bc2_sqrt, eps, HAS_SAVED: tl.constexpr,
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                ACC: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    if HAS_SAVED:
+        w = load(s_ptr, offs, stop, MASKED).to(ACC)
+    else:
+        w = load(w_ptr, offs, stop, MASKED).to(ACC)
+    d = load(g_ptr, offs, stop, MASKED).to(ACC)
+    if MAXIMIZE:
+        d = -d
+    if DECOUPLED:
+        w = w * decay
+    else:
+        d = d + wd * w
+    m = load(m_ptr, offs, stop, MASKED).to(ACC)
+    m = m + beta1c * (d - m)
+    v = beta2 * load(v_ptr, offs, stop, MASKED).to(ACC) + beta2c * d * d
+    store(m_ptr, offs, m, stop, MASKED)
+    store(v_ptr, offs, v, stop, MASKED)
+    if AMSGRAD:
+        v = tl.maximum(load(vmax_ptr, offs, stop, MASKED).to(ACC), v,
+                       propagate_nan=tl.PropagateNan.ALL)
+        store(vmax_ptr, offs, v, stop, MASKED)
+    denom = div(sqrt(v, ACC), bc2_sqrt, ACC) + eps
+    store(w_ptr, offs, w - div(step_size * m, denom, ACC), stop, MASKED)
+
+
+@triton.jit(do_not_specialize=["ntensors"])
+def _adam_kernel(table, ntensors, wd: tl.float64, decay: tl.float64, beta1c: tl.float64,
+                 beta2: tl.float64, beta2c: tl.float64, step_size: tl.float64,
+                 bc2_sqrt: tl.float64, eps: tl.float64, HAS_SAVED: tl.constexpr,
+                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 DT: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    # Operand lists of the table: 0 params, 1 saved, 2 grads, 3 exp_avg, 4 exp_avg_sq,
+    # 5 max_exp_avg_sq.
+    t, start, n, _, _ = block_of(table, ntensors, 6)
+    start = tl.multiple_of(start, CHUNK)
+    w_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
+    s_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
+    g_ptr = pointer(table, ntensors, t, 2, DT, ALIGNED)
+    m_ptr = pointer(table, ntensors, t, 3, DT, ALIGNED)
+    v_ptr = pointer(table, ntensors, t, 4, DT, ALIGNED)
+    vmax_ptr = pointer(table, ntensors, t, 5, DT, ALIGNED)
+    wd_ = tl.full([], wd, ACC)
+    decay_ = tl.full([], decay, ACC)
+    beta1c_ = tl.full([], beta1c, ACC)
+    beta2_ = tl.full([], beta2, ACC)
+    beta2c_ = tl.full([], beta2c, ACC)
+    step_size_ = tl.full([], step_size, ACC)
+    bc2_sqrt_ = tl.full([], bc2_sqrt, ACC)
+    eps_ = tl.full([], eps, ACC)
+    stop = tl.minimum(start + CHUNK, n)
+    full = start + (stop - start) // BLOCK * BLOCK
+    for off in range(start, full, BLOCK):
+        _adam_block(w_ptr, s_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, wd_, decay_,
+                    beta1c_, beta2_, beta2c_, step_size_, bc2_sqrt_, eps_, HAS_SAVED,
+                    DECOUPLED, AMSGRAD, MAXIMIZE, ACC, BLOCK, False)
+    if full < stop:
+        _adam_block(w_ptr, s_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, full, stop, wd_, decay_,
+                    beta1c_, beta2_, beta2c_, step_size_, bc2_sqrt_, eps_, HAS_SAVED,
+                    DECOUPLED, AMSGRAD, MAXIMIZE, ACC, BLOCK, True)
+
+
+def restore_sgd(params: Sequence[Tensor], saved: Optional[Sequence[Tensor]],
+                grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float,
+                weight_decay: float, momentum: float, dampening: float, nesterov: bool,
+                maximize: bool, init_buffers: bool) -> None:
+    """See ``Ops.restore_sgd``."""
+    if len(params) == 0:
+        return
+    dt, acc = tb.dtypes(params[0])
+    has_momentum = momentum != 0
+    pl = tb.plan("flat", [list(params), None if saved is None else list(saved), list(grads),
+                          list(momentum_buffers) if has_momentum else None])
+    for ln in pl.launches:
+        _sgd_kernel[(ln.nblocks,)](
+            ln.table, ln.ntensors, float(lr), float(weight_decay), float(momentum),
+            float(1 - dampening),
+            HAS_SAVED=saved is not None, MOMENTUM=has_momentum, NESTEROV=nesterov,
+            MAXIMIZE=maximize, INIT=init_buffers, DT=dt, ACC=acc, ALIGNED=ln.aligned,
+            BLOCK=tb.BLOCK, CHUNK=tb.CHUNK, **tb.launch_options())
+
+
+def restore_adam(params: Sequence[Tensor], saved: Optional[Sequence[Tensor]],
+                 grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                 exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], *,
+                 step: int, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool) -> None:
+    """See ``Ops.restore_adam``; ``step`` is the already incremented step count."""
+    if len(params) == 0:
+        return
+    dt, acc = tb.dtypes(params[0])
+    pl = tb.plan("flat", [list(params), None if saved is None else list(saved), list(grads),
+                          list(exp_avgs), list(exp_avg_sqs),
+                          list(max_exp_avg_sqs) if amsgrad else None])
+    step_size = lr / (1 - beta1 ** step)
+    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+    for ln in pl.launches:
+        _adam_kernel[(ln.nblocks,)](
+            ln.table, ln.ntensors, float(weight_decay), float(1 - lr * weight_decay),
+            float(1 - beta1), float(beta2), float(1 - beta2), float(step_size),
+            float(bc2_sqrt), float(eps), HAS_SAVED=saved is not None,
+            DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize, DT=dt, ACC=acc,
+            ALIGNED=ln.aligned, BLOCK=tb.BLOCK, CHUNK=tb.CHUNK, **tb.launch_options())

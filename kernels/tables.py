@@ -1,0 +1,329 @@
+"""Multi-tensor launch tables shared by every Triton kernel of sharpopt.
+
+A parameter set is many separate allocations, so a pass cannot treat it as one flat
+buffer. Instead each launch gets one int64 table in device memory::
+
+    [ addresses: NLISTS rows of N   | numel: N | ncols: N | nrows: N | blocks: 2 per program ]
+
+Row ``k`` of the addresses holds ``data_ptr()`` of the ``k``-th operand list (0 where the
+list or the entry is absent); a kernel turns an address back into a typed pointer with
+``tl.load(...).to(tl.pointer_type(DT))``, which works both compiled and under the
+interpreter on CPU tensors. Program ``p`` reads its (tensor, start) pair from the block
+part: a chunk of ``CHUNK`` elements for flat plans, a band of ``rows_per_tile(cols)``
+rows for row plans.
+
+Tables are cached per parameter set (keyed on the addresses and sizes), since building
+and copying them costs more than the kernels on small models. A plan is split into
+several launches when one table would hold more than ``MAX_TENSORS`` tensors or
+``MAX_BLOCKS`` programs; reductions then write their per-program partials at
+``first + program_id`` so the final fixed-order sum sees them all.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Read once at import, as triton.jit does: the kernels below are interpreted or compiled
+# for the whole process.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Elements per vector. 1024 fp32 over 4 warps is 8 per thread, two 16-byte accesses per
+# operand, enough loads in flight for a bandwidth-bound pass. The interpreter pays
+# ~0.1 ms per operation whatever the vector length, so its vectors are short enough for
+# small test tensors to span several programs, and no shorter.
+BLOCK = 64 if INTERPRET else 1024
+# One configuration, not autotuned: every pass streams memory at a fixed intensity, a
+# tuner would time in-place kernels (needing restore_value copies of every operand) and
+# would run inside a CUDA-graph capture on the first call. Not yet measured on a GPU.
+NUM_WARPS = 4
+# Elements per program in flat passes: 16 vectors amortise the table look-ups, and a
+# 25 M-parameter model still gives ~1500 programs to fill the GPU.
+CHUNK = 2 * BLOCK if INTERPRET else 16 * BLOCK
+# Row plans (the gradient-centralisation row sums): a program owns whole rows, an
+# (rows x cols) tile of about ROW_TILE elements; cols is the next power of two of the row
+# length clamped to [MIN_COLS, MAX_COLS], so short rows do not waste most lanes and long
+# rows loop over their columns. One launch per distinct cols value (at most 7).
+ROW_TILE = 64 if INTERPRET else 4096
+MIN_COLS = 4 if INTERPRET else 16
+MAX_COLS = 16 if INTERPRET else 1024
+# Limits on one launch's table (at most ~1 MiB, which stays in L2 while every program
+# reads its entries). Beyond them the plan splits into several launches; tests lower them
+# to exercise the split.
+MAX_TENSORS = 2048
+MAX_BLOCKS = 65536
+# Plans kept (least recently used dropped): a training loop uses a handful per step.
+CACHE_SIZE = 128
+# The interpreter converts fp32 to bf16 by truncation; the GPU rounds to nearest even.
+# Under the interpreter the stores round explicitly, so tests see the GPU's numbers.
+ROUND_BF16 = tl.constexpr(INTERPRET)
+# The reference is a chain of separate eager ops, each rounded; without contraction into
+# FMAs most elements match it bit for bit, and the passes are memory bound anyway.
+FP_FUSION = False
+
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+class Launch(NamedTuple):
+    table: Tensor     # int64 table on the tensors' device (layout in the module docstring)
+    ntensors: int     # N
+    nblocks: int      # programs in this launch (the grid)
+    first: int        # index of this launch's first program among all of the plan's
+    aligned: bool     # every address is 16-byte aligned: vector loads are safe
+    cols: int         # column tile of a row plan, 0 for a flat plan
+
+
+class Plan(NamedTuple):
+    launches: Tuple[Launch, ...]
+    nblocks: int      # programs over all launches (the number of partials)
+
+
+def dtypes(t: Tensor):
+    """(element type, accumulation type) of the kernels for ``t``'s dtype."""
+    if t.dtype not in TL_DTYPES:
+        raise TypeError(f"sharpopt triton backend: unsupported dtype {t.dtype}; "
+                        f"supported: {sorted(str(d) for d in TL_DTYPES)}")
+    return TL_DTYPES[t.dtype], (tl.float64 if t.dtype == torch.float64 else tl.float32)
+
+
+def acc_torch_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def cols_for(ncols: int) -> int:
+    """Column tile of a row plan for rows of ``ncols`` elements."""
+    return min(max(triton.next_power_of_2(max(ncols, 1)), MIN_COLS), MAX_COLS)
+
+
+def rows_per_tile(cols: int) -> int:
+    return max(1, ROW_TILE // cols)
+
+
+_cache: "OrderedDict[tuple, Plan]" = OrderedDict()
+
+
+def plan(kind: str, lists: Sequence[Optional[Sequence[Optional[Tensor]]]],
+         rows_view: bool = False) -> Plan:
+    """The launches of a pass over ``lists`` (operand lists aligned by index; None for an
+    absent list or entry). ``lists[0]`` decides the sizes. ``kind`` is ``"flat"`` (chunks
+    of ``CHUNK`` elements) or ``"rows"`` (bands of whole rows of ``t.view(t.shape[0], -1)``).
+    ``rows_view``: a flat pass that reads the (nrows, ncols) columns, so the key must
+    include the shapes and not only the sizes.
+
+    The key is built on every call, so it is kept to what decides the table's content:
+    ``map`` over the bound methods is about twice as fast as a generator here.
+    """
+    first = lists[0]
+    key = (
+        kind, MAX_TENSORS, MAX_BLOCKS, CHUNK, ROW_TILE, MIN_COLS, MAX_COLS,
+        first[0].device if len(first) else None,
+        tuple(map(Tensor.numel, first)),
+        tuple(t.shape[0] if t.dim() else 1 for t in first)
+        if kind == "rows" or rows_view else None,
+        *map(_addresses, lists),
+    )
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    built = _build(kind, lists)
+    _cache[key] = built
+    if len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return built
+
+
+def _addresses(lst):
+    if lst is None:
+        return None
+    try:
+        return tuple(map(Tensor.data_ptr, lst))
+    except TypeError:  # an absent (None) entry
+        return tuple(0 if t is None else t.data_ptr() for t in lst)
+
+
+def _build(kind: str, lists) -> Plan:
+    first = lists[0]
+    device = first[0].device if len(first) else torch.device("cpu")
+    for lst in lists:
+        for t in lst or ():
+            if t is not None and (not t.is_contiguous() or t.device != device):
+                raise ValueError("sharpopt triton backend: every tensor of a pass must be "
+                                 f"contiguous and on {device}")
+    # units: (tensor index, ncols, nrows, group, starts) -- group separates launches. Every
+    # plan records the (nrows, ncols) view, which perturb needs to find an element's row.
+    units = []
+    for i, t in enumerate(first):
+        n = t.numel()
+        nrows = t.shape[0] if t.dim() else 1
+        ncols = n // nrows if nrows else 0
+        if kind == "flat":
+            units.append((i, ncols, nrows, 0, list(range(0, n, CHUNK))))
+        else:
+            cols = cols_for(ncols)
+            units.append((i, ncols, nrows, cols, list(range(0, nrows, rows_per_tile(cols)))))
+    units.sort(key=lambda u: u[3])  # stable: tensor order kept within a group
+
+    launches: List[Launch] = []
+    done = 0
+    cur_t: List[Tuple[int, int, int]] = []
+    cur_b: List[Tuple[int, int]] = []
+
+    def flush(group):
+        nonlocal done, cur_t, cur_b
+        if cur_b:
+            launches.append(_table(lists, cur_t, cur_b, done, group, device))
+            done += len(cur_b)
+        cur_t, cur_b = [], []
+
+    group = None
+    for i, ncols, nrows, g, starts in units:
+        if g != group:
+            flush(group)
+            group = g
+        pos = 0
+        while pos < len(starts):
+            if len(cur_t) == MAX_TENSORS or len(cur_b) == MAX_BLOCKS:
+                flush(group)
+            local = len(cur_t)
+            cur_t.append((i, ncols, nrows))
+            take = min(MAX_BLOCKS - len(cur_b), len(starts) - pos)
+            cur_b.extend((local, s) for s in starts[pos:pos + take])
+            pos += take
+    flush(group)
+    return Plan(tuple(launches), done)
+
+
+def _table(lists, tensors, blocks, first, cols, device) -> Launch:
+    words: List[int] = []
+    aligned = True
+    for lst in lists:
+        for i, _, _ in tensors:
+            t = None if lst is None else lst[i]
+            a = 0 if t is None else t.data_ptr()
+            aligned = aligned and a % 16 == 0
+            words.append(a)
+    words += [lists[0][i].numel() for i, _, _ in tensors]
+    words += [ncols for _, ncols, _ in tensors]
+    words += [nrows for _, _, nrows in tensors]
+    for local, start in blocks:
+        words += [local, start]
+    table = torch.tensor(words, dtype=torch.int64).to(device)
+    return Launch(table, len(tensors), len(blocks), first, aligned, cols)
+
+
+def scalar(s, device) -> Tuple[Optional[Tensor], float]:
+    """A Python float or 0-dim tensor as the (pointer, value) pair the kernels take."""
+    if isinstance(s, Tensor):
+        if s.numel() != 1 or s.device != device:
+            raise ValueError(f"sharpopt triton backend: a tensor scalar must hold one "
+                             f"element on {device}, got {tuple(s.shape)} on {s.device}")
+        return s, 0.0
+    return None, float(s)
+
+
+def launch_options():
+    return {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}
+
+
+# -- helpers called from the kernels --------------------------------------------------------
+
+def device_fn(fn):
+    """``triton.jit`` for the GPU. Under the interpreter the same code runs as a plain
+    function: the interpreter re-patches ``triton.language`` on every call of a jitted
+    helper (about 0.5 ms), which would dominate the tests' time."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
+@device_fn
+def block_of(table, ntensors, NLISTS: tl.constexpr):
+    """(tensor index, start) of this program, then (numel, ncols, nrows) of that tensor."""
+    b = (NLISTS + 3) * ntensors + 2 * tl.program_id(0)
+    t = tl.load(table + b)
+    start = tl.load(table + b + 1)
+    meta = table + NLISTS * ntensors + t
+    return t, start, tl.load(meta), tl.load(meta + ntensors), tl.load(meta + 2 * ntensors)
+
+
+@device_fn
+def address(table, ntensors, t, LIST: tl.constexpr):
+    """The raw int64 address of operand list ``LIST`` for tensor ``t`` (0 when absent)."""
+    return tl.load(table + LIST * ntensors + t)
+
+
+@device_fn
+def pointer(table, ntensors, t, LIST: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(table + LIST * ntensors + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        # The address comes from memory, so the compiler cannot see the allocator's
+        # alignment; without this hint every access is a scalar 4-byte load.
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@device_fn
+def load(p, offs, stop, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(p + offs, mask=offs < stop, other=0.0)
+    else:
+        x = tl.load(p + offs)
+    return x
+
+
+@device_fn
+def _bf16_rne(x):
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    r = tl.where(x != x, 0x7FC0, bits >> 16).to(tl.uint16)
+    return r.to(tl.bfloat16, bitcast=True)
+
+
+@device_fn
+def store(p, offs, x, stop, MASKED: tl.constexpr):
+    if ROUND_BF16 and p.dtype.element_ty == tl.bfloat16 and x.dtype != tl.bfloat16:
+        x = _bf16_rne(x)
+    else:
+        x = x.to(p.dtype.element_ty)
+    if MASKED:
+        tl.store(p + offs, x, mask=offs < stop)
+    else:
+        tl.store(p + offs, x)
+
+
+@device_fn
+def scalar_value(ptr, val, ACC: tl.constexpr):
+    """A scalar given either in device memory (``ptr``) or by value (``ptr`` is None)."""
+    if ptr is None:
+        s = tl.full([], val, ACC)
+    else:
+        s = tl.load(ptr).to(ACC)
+    return s
+
+
+@device_fn
+def div(a, b, ACC: tl.constexpr):
+    # Plain fp32 division compiles to an approximate instruction; torch rounds correctly.
+    if ACC == tl.float32:
+        q = tl.div_rn(a, b)
+    else:
+        q = a / b
+    return q
+
+
+@device_fn
+def sqrt(a, ACC: tl.constexpr):
+    if ACC == tl.float32:
+        r = tl.sqrt_rn(a)
+    else:
+        r = tl.sqrt(a)
+    return r
