@@ -141,6 +141,12 @@ class _Core(Optimizer):
             out.append(buf)
         return out
 
+    def _keep_grads(self, buckets: Sequence[Bucket], name: str) -> None:
+        """Copy the current gradients into the scratch buffers ``name`` (kept for the next
+        pass, which overwrites ``p.grad``)."""
+        for b in buckets:
+            self._lincomb(b, self._buffers(name, b.params), [(1.0, b.grads)])
+
     def _row_means(self, params: Sequence[Tensor]) -> List[Optional[Tensor]]:
         """fp32 (fp64 for fp64 parameters) per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
         store = self._scratch.setdefault("row_means", {})

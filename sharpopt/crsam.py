@@ -49,8 +49,7 @@ class CRSAM(SAM):
         with torch.no_grad():
             buckets = self._gather()
             self._gradients_ok(buckets, None, record=False, when="the pass at w")
-            for b in buckets:
-                self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
+            self._keep_grads(buckets, "g0")
             self._perturb(buckets)
             self._perturbed = buckets
         try:
@@ -59,8 +58,7 @@ class CRSAM(SAM):
             with torch.no_grad():
                 self._require_grads(buckets)
                 self._gradients_ok(buckets, None, record=False, when="the pass at w + e")
-                for b in buckets:
-                    self._lincomb(b, self._buffers("gplus", b.params), [(1.0, b.grads)])
+                self._keep_grads(buckets, "gplus")
                 self._perturb_minus(buckets)
             self.zero_grad()
             closure()

@@ -27,6 +27,8 @@ __all__ = ["GSAM"]
 class GSAM(SAM):
     """GSAM; see the module docstring for the update rule. ``alpha`` default 0.4."""
 
+    _keeps_gradient = True
+
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, alpha=0.4, *,
                  rho_min=None, rho_max=None, lr_min=0.0, lr_max=None, adaptive=False,
                  eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
@@ -55,12 +57,6 @@ class GSAM(SAM):
         rho_min, rho_max, lr_min, _ = self._schedule
         frac = (float(group["lr"]) - lr_min) / (float(group["lr_max"]) - lr_min)
         return min(max(rho_min + (rho_max - rho_min) * frac, rho_min), rho_max)
-
-    def _ascent(self, buckets: List[Bucket]) -> bool:
-        for b in buckets:
-            self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
-        self._perturb(buckets)
-        return True
 
     def _descent(self, buckets: List[Bucket]) -> None:
         g0 = lambda b: self._buffers("g0", b.params)

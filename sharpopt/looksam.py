@@ -28,6 +28,8 @@ __all__ = ["LookSAM"]
 class LookSAM(SAM):
     """LookSAM; see the module docstring for the update rule."""
 
+    _keeps_gradient = True
+
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, k=5, alpha=0.7, *,
                  adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
         _check_positive("alpha", alpha)
@@ -52,10 +54,7 @@ class LookSAM(SAM):
 
     def _ascent(self, buckets: List[Bucket]) -> bool:
         if self._will_perturb():
-            for b in buckets:
-                self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
-            self._perturb(buckets)
-            return True
+            return super()._ascent(buckets)
         g_norm = self._norm(buckets, lambda b: b.grads)
         gv_norm = self._norm(buckets, lambda b: self._g_v(b.params))
         coef = self.alpha * g_norm / (gv_norm + self.eps)

@@ -53,6 +53,8 @@ class SAM(SharpnessAware):
 
     _centralize_direction = False
     _centralize_norm = False
+    #: Variants whose descent needs the first pass's gradient keep it as scratch "g0".
+    _keeps_gradient = False
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
                  eta=0.0, eps=1e-12, k=1, backend="auto", **base_kwargs):
@@ -95,6 +97,8 @@ class SAM(SharpnessAware):
         if not self._will_perturb():
             self._restore_and_update(buckets, restore=False)
             return False
+        if self._keeps_gradient:
+            self._keep_grads(buckets, "g0")
         self._perturb(buckets)
         return True
 

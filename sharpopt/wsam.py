@@ -21,6 +21,8 @@ __all__ = ["WSAM"]
 class WSAM(SAM):
     """WSAM; see the module docstring for the update rule."""
 
+    _keeps_gradient = True
+
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, gamma=0.9, *,
                  decouple=True, max_norm=None, adaptive=False, eta=0.0, eps=1e-12,
                  backend="auto", **base_kwargs):
@@ -34,12 +36,6 @@ class WSAM(SAM):
         self.max_norm = max_norm
         super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
                          backend=backend, **base_kwargs)
-
-    def _ascent(self, buckets: List[Bucket]) -> bool:
-        for b in buckets:
-            self._lincomb(b, self._buffers("g0", b.params), [(1.0, b.grads)])
-        self._perturb(buckets)
-        return True
 
     def _descent(self, buckets: List[Bucket]) -> None:
         g0 = lambda b: self._buffers("g0", b.params)
