@@ -1,0 +1,631 @@
+// The `cpu` backend: every pass of sharpopt.backends.base.Ops as one C++ call over whole
+// tensor lists, multi-threaded with at::parallel_for and vectorised with at::vec.
+//
+// Work is cut into units that depend only on the tensor shapes (kChunk elements, or whole
+// rows for gradient centralisation), never on the thread count, and every reduction sums
+// per-unit partials in unit order: results are bit-identical from run to run and for any
+// number of threads.
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+// Vector overloads of the helpers the shared math calls; they must be declared before the
+// header's templates are defined (see sharpopt_math.h).
+namespace sharpopt {
+namespace math {
+template <class S>
+inline at::vec::Vectorized<S> sopt_abs(const at::vec::Vectorized<S>& x) { return x.abs(); }
+template <class S>
+inline at::vec::Vectorized<S> sopt_sqrt(const at::vec::Vectorized<S>& x) { return x.sqrt(); }
+template <class S>
+inline at::vec::Vectorized<S> sopt_max(const at::vec::Vectorized<S>& a,
+                                       const at::vec::Vectorized<S>& b) {
+  return at::vec::maximum(a, b);
+}
+}  // namespace math
+}  // namespace sharpopt
+
+#include "sharpopt_math.h"
+
+namespace {
+
+using at::Tensor;
+using namespace sharpopt::math;
+template <class S>
+using Vec = at::vec::Vectorized<S>;
+
+// Elements per work unit. 64 Ki fp32 elements = 256 KiB per stream: large enough that the
+// per-unit overhead (argument broadcast, partial write) is invisible, small enough that
+// a ResNet-50 step has ~400 units to balance over the threads.
+constexpr int64_t kChunk = int64_t(1) << 16;
+// Inner reduction block: fp32 vector accumulators are flushed to double every kBlock
+// elements, so no fp32 accumulator sums more than kBlock / (4 * lanes) terms.
+constexpr int64_t kBlock = 1024;
+// bf16/fp16 are widened into fp32 tiles of this many elements (on the stack, in L1).
+constexpr int64_t kTile = 512;
+
+template <class S> struct OpMathT { using type = S; };
+template <> struct OpMathT<c10::BFloat16> { using type = float; };
+template <> struct OpMathT<c10::Half> { using type = float; };
+template <class S> using OpMath = typename OpMathT<S>::type;
+
+// Per-pass arguments in both the scalar and the vector type of opmath `S`.
+template <template <class> class A, class S>
+struct Both {
+  A<S> s;
+  A<Vec<S>> v;
+  template <class T>
+  const A<T>& get() const {
+    if constexpr (std::is_same_v<T, S>) return s; else return v;
+  }
+};
+
+template <class T, class S>
+PerturbArgs<T> cast(const PerturbArgs<double>& a) {
+  return {T(S(a.scale)), T(S(a.eta)), a.adaptive};
+}
+template <class T, class S>
+SgdArgs<T> cast(const SgdArgs<double>& a) {
+  return {T(S(a.lr)), T(S(a.weight_decay)), T(S(a.momentum)), T(S(a.one_minus_dampening)),
+          T(S(a.grad_sign)), a.has_momentum, a.nesterov, a.init};
+}
+template <class T, class S>
+AdamArgs<T> cast(const AdamArgs<double>& a) {
+  return {T(S(a.grad_sign)), T(S(a.decay)), T(S(a.weight_decay)), T(S(a.one_minus_beta1)),
+          T(S(a.beta2)), T(S(a.one_minus_beta2)), T(S(a.bc2_sqrt)), T(S(a.eps)),
+          T(S(a.step_size)), a.decoupled, a.amsgrad};
+}
+template <template <class> class A, class S>
+Both<A, S> both(const A<double>& a) {
+  return {cast<S, S>(a), cast<Vec<S>, S>(a)};
+}
+
+// ---------------------------------------------------------------------------------
+// Elementwise engine. N streams of n elements: stream k starts as in[k][i] (0 when
+// in[k] is null), f rewrites the N values, and stream k is stored to out[k][i] when
+// out[k] is not null. Every input of an element is loaded before any output is stored,
+// so an output may alias an input.
+// f is a generic callable invoked with `T (&)[N]`, T = S or Vec<S>.
+// ---------------------------------------------------------------------------------
+template <int N, class S, class F>
+void span_native(const S* const (&in)[N], S* const (&out)[N], int64_t n, const F& f) {
+  using V = Vec<S>;
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    V x[N];
+    for (int k = 0; k < N; ++k) x[k] = in[k] ? V::loadu(in[k] + i) : V(S(0));
+    f(x);
+    for (int k = 0; k < N; ++k) if (out[k]) x[k].store(out[k] + i);
+  }
+  for (; i < n; ++i) {
+    S x[N];
+    for (int k = 0; k < N; ++k) x[k] = in[k] ? in[k][i] : S(0);
+    f(x);
+    for (int k = 0; k < N; ++k) if (out[k]) out[k][i] = x[k];
+  }
+}
+
+template <int N, class R, class F>
+void span(const R* const (&in)[N], R* const (&out)[N], int64_t n, const F& f) {
+  if constexpr (std::is_same_v<R, OpMath<R>>) {
+    span_native<N, R>(in, out, n, f);
+  } else {
+    float tile[N][kTile];
+    for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+      const int64_t m = std::min(kTile, n - t0);
+      const float* fin[N];
+      float* fout[N];
+      for (int k = 0; k < N; ++k) {
+        fin[k] = nullptr;
+        fout[k] = out[k] ? tile[k] : nullptr;
+        if (in[k]) {
+          const R* src = in[k] + t0;
+          for (int64_t j = 0; j < m; ++j) tile[k][j] = static_cast<float>(src[j]);
+          fin[k] = tile[k];
+        }
+      }
+      span_native<N, float>(fin, fout, m, f);
+      for (int k = 0; k < N; ++k) {
+        if (!out[k]) continue;
+        R* dst = out[k] + t0;
+        for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<R>(tile[k][j]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Reduction engine: sum over i of f(x_0[i], ..., x_{N-1}[i]) in double. Four vector
+// accumulators (for instruction-level parallelism) are combined and flushed to double
+// every kBlock elements in a fixed order.
+// ---------------------------------------------------------------------------------
+template <class S>
+double hsum(const Vec<S>& v) {
+  alignas(64) S lanes[Vec<S>::size()];
+  v.store(lanes);
+  double acc = 0;
+  for (int j = 0; j < Vec<S>::size(); ++j) acc += double(lanes[j]);
+  return acc;
+}
+
+template <int N, class S, class F>
+double reduce_native(const S* const (&in)[N], int64_t n, const F& f) {
+  using V = Vec<S>;
+  constexpr int64_t W = V::size();
+  double total = 0;
+  int64_t i = 0;
+  while (i + W <= n) {
+    const int64_t stop = std::min(n, i + kBlock);
+    V acc[4] = {V(S(0)), V(S(0)), V(S(0)), V(S(0))};
+    for (; i + 4 * W <= stop; i += 4 * W) {
+      for (int a = 0; a < 4; ++a) {
+        V x[N];
+        for (int k = 0; k < N; ++k) x[k] = V::loadu(in[k] + i + a * W);
+        acc[a] = acc[a] + f(x);
+      }
+    }
+    for (; i + W <= stop; i += W) {
+      V x[N];
+      for (int k = 0; k < N; ++k) x[k] = V::loadu(in[k] + i);
+      acc[0] = acc[0] + f(x);
+    }
+    total += hsum<S>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  }
+  for (; i < n; ++i) {
+    S x[N];
+    for (int k = 0; k < N; ++k) x[k] = in[k][i];
+    total += double(f(x));
+  }
+  return total;
+}
+
+template <int N, class R, class F>
+double reduce(const R* const (&in)[N], int64_t n, const F& f) {
+  if constexpr (std::is_same_v<R, OpMath<R>>) {
+    return reduce_native<N, R>(in, n, f);
+  } else {
+    float tile[N][kTile];
+    double total = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+      const int64_t m = std::min(kTile, n - t0);
+      const float* fin[N];
+      for (int k = 0; k < N; ++k) {
+        const R* src = in[k] + t0;
+        for (int64_t j = 0; j < m; ++j) tile[k][j] = static_cast<float>(src[j]);
+        fin[k] = tile[k];
+      }
+      total += reduce_native<N, float>(fin, m, f);
+    }
+    return total;
+  }
+}
+
+// The scalar or the vector copy of a value, whichever matches T.
+template <class T, class S>
+const T& pick(const S& s, const Vec<S>& v) {
+  if constexpr (std::is_same_v<T, S>) return s; else return v;
+}
+
+template <class X>
+using Elem = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<X&>()[0])>>;
+
+// ---------------------------------------------------------------------------------
+// Work units.
+// ---------------------------------------------------------------------------------
+struct Unit {
+  int32_t t;        // tensor index
+  int64_t begin;    // first element, or first row when row_len > 0
+  int64_t end;      // one past the last element / row
+  int64_t row_len;  // 0: plain element range; > 0: whole rows of this length
+};
+
+void add_element_units(std::vector<Unit>& units, int32_t t, int64_t numel) {
+  for (int64_t b = 0; b < numel; b += kChunk) units.push_back({t, b, std::min(numel, b + kChunk), 0});
+}
+
+void add_row_units(std::vector<Unit>& units, int32_t t, int64_t rows, int64_t row_len) {
+  const int64_t per = std::max<int64_t>(1, kChunk / row_len);
+  for (int64_t r = 0; r < rows; r += per) units.push_back({t, r, std::min(rows, r + per), row_len});
+}
+
+template <class Fn>
+void for_units(const std::vector<Unit>& units, const Fn& fn) {
+  at::parallel_for(0, int64_t(units.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) fn(units[u], u);
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Argument checks. Lists hold dense contiguous CPU tensors of one dtype; entry i of every
+// list has the numel of params[i].
+// ---------------------------------------------------------------------------------
+void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, const char* what) {
+  TORCH_CHECK(ts.size() == like.size(), "sharpopt cpu: ", what, " has ", ts.size(),
+              " tensors, expected ", like.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const Tensor& t = ts[i];
+    TORCH_CHECK(t.defined() && t.device().is_cpu(), "sharpopt cpu: ", what, "[", i,
+                "] must be a CPU tensor");
+    TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt cpu: ", what, "[", i,
+                "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "sharpopt cpu: ", what, "[", i, "] must be contiguous");
+    TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt cpu: ", what, "[", i, "] has ",
+                t.numel(), " elements, expected ", like[i].numel());
+  }
+}
+
+void check_dtype(const std::vector<Tensor>& ts) {
+  if (ts.empty()) return;
+  const auto dt = ts[0].scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "sharpopt cpu: unsupported dtype ", dt);
+}
+
+using OptTensor = std::optional<Tensor>;
+
+// The row-mean buffer of tensor i, or null when it has none.
+float* row_means_ptr(const std::vector<OptTensor>& rm, size_t i, const Tensor& g) {
+  if (rm.empty() || !rm[i].has_value() || !rm[i]->defined()) return nullptr;
+  const Tensor& m = *rm[i];
+  TORCH_CHECK(g.dim() > 1, "sharpopt cpu: row_means[", i, "] given for a tensor with dim <= 1");
+  TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
+                  m.numel() == g.size(0),
+              "sharpopt cpu: row_means[", i, "] must be a contiguous fp32 CPU tensor of ",
+              g.size(0), " elements");
+  return m.data_ptr<float>();
+}
+
+Tensor scalar_out(double value, bool fp64) {
+  return fp64 ? at::scalar_tensor(value, at::kDouble) : at::scalar_tensor(float(value), at::kFloat);
+}
+
+double sum_partials(const std::vector<double>& p) {
+  double acc = 0;
+  for (double x : p) acc += x;
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------
+// sumsq: sum_i ||T_i * C_i(g_i)||^2, and the per-row means of g_i into row_means[i].
+// A tensor that needs its row means (centralised, or a buffer given) is reduced row by
+// row with two passes over each row: the exact mean first, then the centred sum of
+// squares (no cancellation, and a row is small enough to be read again from cache).
+// ---------------------------------------------------------------------------------
+Tensor sumsq(const std::vector<Tensor>& grads, const std::vector<Tensor>& params, bool adaptive,
+             double eta, bool centralize, const std::vector<OptTensor>& row_means) {
+  if (grads.empty()) return scalar_out(0, false);
+  check_dtype(grads);
+  check_list(grads, grads, "grads");
+  if (adaptive) check_list(params, grads, "params");
+  TORCH_CHECK(row_means.empty() || row_means.size() == grads.size(),
+              "sharpopt cpu: row_means must have one entry per tensor");
+  const bool fp64 = grads[0].scalar_type() == at::kDouble;
+
+  std::vector<float*> means(grads.size(), nullptr);
+  std::vector<Unit> units;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const Tensor& g = grads[i];
+    means[i] = row_means_ptr(row_means, i, g);
+    const bool rows = g.dim() > 1 && (centralize || means[i]);
+    if (rows && g.size(0) > 0 && g.numel() == 0 && means[i]) {
+      // Mean of an empty row: NaN, as torch.mean says.
+      std::fill(means[i], means[i] + g.size(0), std::numeric_limits<float>::quiet_NaN());
+    }
+    if (g.numel() == 0) continue;
+    if (rows) add_row_units(units, int32_t(i), g.size(0), g.numel() / g.size(0));
+    else add_element_units(units, int32_t(i), g.numel());
+  }
+  std::vector<double> partial(units.size(), 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(), "sharpopt_sumsq", [&] {
+    using R = scalar_t;
+    using S = OpMath<R>;
+    const S s_eta = S(eta);
+    const Vec<S> v_eta = Vec<S>(s_eta);
+    for_units(units, [&](const Unit& u, int64_t idx) {
+      const R* g = grads[u.t].data_ptr<R>();
+      const R* w = adaptive ? params[u.t].data_ptr<R>() : nullptr;
+      auto sq = [&](const R* gp, const R* wp, int64_t n, double mu) {
+        const S s_mu = S(mu);
+        const Vec<S> v_mu = Vec<S>(s_mu);
+        auto term = [&](auto& x) {
+          using T = Elem<decltype(x)>;
+          T d = weighted_dev(adaptive ? x[1] : x[0], x[0], pick<T, S>(s_mu, v_mu),
+                             pick<T, S>(s_eta, v_eta), adaptive);
+          return d * d;
+        };
+        if (adaptive) {
+          const R* in[2] = {gp, wp};
+          return reduce<2, R>(in, n, term);
+        }
+        const R* in[1] = {gp};
+        return reduce<1, R>(in, n, term);
+      };
+      if (u.row_len == 0) {
+        partial[idx] = sq(g + u.begin, w ? w + u.begin : nullptr, u.end - u.begin, 0.0);
+        return;
+      }
+      double acc = 0;
+      for (int64_t r = u.begin; r < u.end; ++r) {
+        const int64_t off = r * u.row_len;
+        const R* in[1] = {g + off};
+        const double mean =
+            reduce<1, R>(in, u.row_len, [](auto& x) { return x[0]; }) / double(u.row_len);
+        if (means[u.t]) means[u.t][r] = float(mean);
+        acc += sq(g + off, w ? w + off : nullptr, u.row_len, centralize ? mean : 0.0);
+      }
+      partial[idx] = acc;
+    });
+  });
+  return scalar_out(sum_partials(partial), fp64);
+}
+
+Tensor dot(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
+  if (xs.empty()) return scalar_out(0, false);
+  check_dtype(xs);
+  check_list(xs, xs, "xs");
+  check_list(ys, xs, "ys");
+  std::vector<Unit> units;
+  for (size_t i = 0; i < xs.size(); ++i) add_element_units(units, int32_t(i), xs[i].numel());
+  std::vector<double> partial(units.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs[0].scalar_type(), "sharpopt_dot", [&] {
+    using R = scalar_t;
+    for_units(units, [&](const Unit& u, int64_t idx) {
+      const R* in[2] = {xs[u.t].data_ptr<R>() + u.begin, ys[u.t].data_ptr<R>() + u.begin};
+      partial[idx] = reduce<2, R>(in, u.end - u.begin, [](auto& x) { return x[0] * x[1]; });
+    });
+  });
+  return scalar_out(sum_partials(partial), xs[0].scalar_type() == at::kDouble);
+}
+
+// A pass scalar: a Python float, or a 0-dim tensor (read in place: it lives on the CPU).
+double scalar_value(double value, const OptTensor& t) {
+  if (!t.has_value() || !t->defined()) return value;
+  TORCH_CHECK(t->numel() == 1 && t->device().is_cpu(), "sharpopt cpu: a tensor scalar must be a one-element CPU tensor");
+  return t->to(at::kDouble).data_ptr<double>()[0];
+}
+
+// ---------------------------------------------------------------------------------
+// perturb: saved <- w (when save); w <- saved + scale * T^2 * C(g), T from saved.
+// ---------------------------------------------------------------------------------
+void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+             const std::vector<Tensor>& saved, double scale, const OptTensor& scale_t,
+             bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save) {
+  if (params.empty()) return;
+  check_dtype(params);
+  check_list(params, params, "params");
+  check_list(grads, params, "grads");
+  check_list(saved, params, "saved");
+  TORCH_CHECK(row_means.empty() || row_means.size() == params.size(),
+              "sharpopt cpu: row_means must have one entry per tensor");
+  const PerturbArgs<double> args{scalar_value(scale, scale_t), eta, adaptive};
+  std::vector<float*> means(params.size(), nullptr);
+  std::vector<Unit> units;
+  for (size_t i = 0; i < params.size(); ++i) {
+    means[i] = row_means_ptr(row_means, i, grads[i]);
+    if (params[i].numel() == 0) continue;
+    if (means[i]) add_row_units(units, int32_t(i), grads[i].size(0), grads[i].numel() / grads[i].size(0));
+    else add_element_units(units, int32_t(i), params[i].numel());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_perturb", [&] {
+    using R = scalar_t;
+    using S = OpMath<R>;
+    const auto a = both<PerturbArgs, S>(args);
+    for_units(units, [&](const Unit& u, int64_t) {
+      R* w = params[u.t].data_ptr<R>();
+      R* s = saved[u.t].data_ptr<R>();
+      const R* g = grads[u.t].data_ptr<R>();
+      // stream 0: the unperturbed weight (read from w and saved when save, else from saved),
+      // stream 1: the gradient, stream 2: the new w.
+      auto run = [&](int64_t b, int64_t e, float mu) {
+        const S s_mu = S(mu);
+        const Vec<S> v_mu = Vec<S>(s_mu);
+        auto f = [&](auto& x) {
+          using T = Elem<decltype(x)>;
+          x[2] = perturb_elem(x[0], x[1], pick<T, S>(s_mu, v_mu), a.template get<T>());
+        };
+        const R* in[3] = {save ? w + b : s + b, g + b, nullptr};
+        R* out[3] = {save ? s + b : nullptr, nullptr, w + b};
+        span<3, R>(in, out, e - b, f);
+      };
+      if (u.row_len == 0) {
+        run(u.begin, u.end, 0.f);
+      } else {
+        for (int64_t r = u.begin; r < u.end; ++r) run(r * u.row_len, (r + 1) * u.row_len, means[u.t][r]);
+      }
+    });
+  });
+}
+
+void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved) {
+  if (params.empty()) return;
+  check_list(params, params, "params");
+  check_list(saved, params, "saved");
+  std::vector<Unit> units;
+  for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
+  const int64_t es = params[0].element_size();
+  for_units(units, [&](const Unit& u, int64_t) {
+    auto* dst = static_cast<char*>(params[u.t].data_ptr());
+    const auto* src = static_cast<const char*>(saved[u.t].data_ptr());
+    std::memcpy(dst + u.begin * es, src + u.begin * es, size_t((u.end - u.begin) * es));
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// lincomb: out_i <- sum_k coefs[k] * xs[k][i], k < K <= 3.
+// ---------------------------------------------------------------------------------
+void lincomb(const std::vector<Tensor>& out, const std::vector<std::vector<Tensor>>& xs,
+             const std::vector<double>& coefs, const std::vector<OptTensor>& coef_tensors) {
+  const int K = int(xs.size());
+  TORCH_CHECK(K >= 1 && K <= 3 && coefs.size() == size_t(K),
+              "sharpopt cpu: lincomb takes 1 to 3 terms with one coefficient each");
+  TORCH_CHECK(coef_tensors.empty() || coef_tensors.size() == size_t(K),
+              "sharpopt cpu: coef_tensors must have one entry per term");
+  if (out.empty()) return;
+  check_dtype(out);
+  check_list(out, out, "out");
+  for (int k = 0; k < K; ++k) check_list(xs[k], out, "xs[k]");
+  double c[3] = {0, 0, 0};
+  for (int k = 0; k < K; ++k) c[k] = scalar_value(coefs[k], coef_tensors.empty() ? OptTensor() : coef_tensors[k]);
+  std::vector<Unit> units;
+  for (size_t i = 0; i < out.size(); ++i) add_element_units(units, int32_t(i), out[i].numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out[0].scalar_type(), "sharpopt_lincomb", [&] {
+    using R = scalar_t;
+    using S = OpMath<R>;
+    const S sc[3] = {S(c[0]), S(c[1]), S(c[2])};
+    const Vec<S> vc[3] = {Vec<S>(sc[0]), Vec<S>(sc[1]), Vec<S>(sc[2])};
+    auto go = [&](auto kconst) {
+      constexpr int KK = decltype(kconst)::value;
+      for_units(units, [&](const Unit& u, int64_t) {
+        const R* in[4] = {nullptr, nullptr, nullptr, nullptr};
+        R* o[4] = {nullptr, nullptr, nullptr, out[u.t].data_ptr<R>() + u.begin};
+        for (int k = 0; k < KK; ++k) in[k] = xs[k][u.t].data_ptr<R>() + u.begin;
+        auto f = [&](auto& x) {
+          using T = Elem<decltype(x)>;
+          const T terms[3] = {x[0], x[1], x[2]};
+          const T cs[3] = {pick<T, S>(sc[0], vc[0]), pick<T, S>(sc[1], vc[1]), pick<T, S>(sc[2], vc[2])};
+          x[3] = lincomb_elem<KK>(terms, cs);
+        };
+        span<4, R>(in, o, u.end - u.begin, f);
+      });
+    };
+    if (K == 1) go(std::integral_constant<int, 1>());
+    else if (K == 2) go(std::integral_constant<int, 2>());
+    else go(std::integral_constant<int, 3>());
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// restore + torch.optim.SGD step (see sgd_elem).
+// ---------------------------------------------------------------------------------
+void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
+                 const std::vector<Tensor>& grads, const std::vector<Tensor>& bufs, double lr,
+                 double weight_decay, double momentum, double dampening, bool nesterov,
+                 bool maximize, bool init_buffers) {
+  if (params.empty()) return;
+  check_dtype(params);
+  check_list(params, params, "params");
+  check_list(grads, params, "grads");
+  if (has_saved) check_list(saved, params, "saved");
+  const bool has_mom = momentum != 0;
+  if (has_mom) check_list(bufs, params, "momentum_buffers");
+  const auto args = make_sgd_args(lr, weight_decay, momentum, dampening, nesterov, maximize, init_buffers);
+  std::vector<Unit> units;
+  for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_restore_sgd", [&] {
+    using R = scalar_t;
+    using S = OpMath<R>;
+    const auto a = both<SgdArgs, S>(args);
+    auto f = [&](auto& x) {
+      using T = Elem<decltype(x)>;
+      sgd_elem(x[0], x[2], x[1], a.template get<T>());
+    };
+    for_units(units, [&](const Unit& u, int64_t) {
+      const int64_t b = u.begin;
+      R* w = params[u.t].data_ptr<R>() + b;
+      R* buf = has_mom ? bufs[u.t].data_ptr<R>() + b : nullptr;
+      // A first step overwrites the buffer without reading it.
+      const R* in[3] = {has_saved ? saved[u.t].data_ptr<R>() + b : w, grads[u.t].data_ptr<R>() + b,
+                        init_buffers ? nullptr : buf};
+      R* out[3] = {w, nullptr, buf};
+      span<3, R>(in, out, u.end - b, f);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// restore + torch.optim.Adam/AdamW step (see adam_elem).
+// ---------------------------------------------------------------------------------
+void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
+                  const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                  const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& max_exp_avg_sqs,
+                  int64_t step, double lr, double beta1, double beta2, double eps,
+                  double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
+  if (params.empty()) return;
+  TORCH_CHECK(step >= 1, "sharpopt cpu: restore_adam needs step >= 1, got ", step);
+  check_dtype(params);
+  check_list(params, params, "params");
+  check_list(grads, params, "grads");
+  check_list(exp_avgs, params, "exp_avgs");
+  check_list(exp_avg_sqs, params, "exp_avg_sqs");
+  if (has_saved) check_list(saved, params, "saved");
+  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  const auto args = make_adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
+  std::vector<Unit> units;
+  for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_restore_adam", [&] {
+    using R = scalar_t;
+    using S = OpMath<R>;
+    const auto a = both<AdamArgs, S>(args);
+    auto f = [&](auto& x) {
+      using T = Elem<decltype(x)>;
+      adam_elem(x[0], x[2], x[3], x[4], x[1], a.template get<T>());
+    };
+    for_units(units, [&](const Unit& u, int64_t) {
+      const int64_t b = u.begin;
+      R* w = params[u.t].data_ptr<R>() + b;
+      R* m = exp_avgs[u.t].data_ptr<R>() + b;
+      R* v = exp_avg_sqs[u.t].data_ptr<R>() + b;
+      R* vmax = amsgrad ? max_exp_avg_sqs[u.t].data_ptr<R>() + b : nullptr;
+      const R* in[5] = {has_saved ? saved[u.t].data_ptr<R>() + b : w, grads[u.t].data_ptr<R>() + b, m, v, vmax};
+      R* out[5] = {w, nullptr, m, v, vmax};
+      span<5, R>(in, out, u.end - b, f);
+    });
+  });
+}
+
+// a <- b + s * c over fp32 arrays: the STREAM triad, for benchmarks to measure the
+// memory bandwidth with the same threading and vector code as the passes.
+void triad(const Tensor& a, const Tensor& b, const Tensor& c, double s) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                  c.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() &&
+                  c.is_contiguous() && a.numel() == b.numel() && a.numel() == c.numel(),
+              "sharpopt cpu: triad takes three contiguous fp32 tensors of one size");
+  float* pa = a.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  const float* pc = c.data_ptr<float>();
+  const float sf = float(s);
+  const Vec<float> sv(sf);
+  at::parallel_for(0, a.numel(), kChunk, [&](int64_t lo, int64_t hi) {
+    const float* in[2] = {pb + lo, pc + lo};
+    float* out[2] = {pa + lo, nullptr};
+    span<2, float>(in, out, hi - lo, [&](auto& x) {
+      using T = Elem<decltype(x)>;
+      x[0] = x[0] + pick<T, float>(sf, sv) * x[1];
+    });
+  });
+}
+
+std::string isa() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sharpopt fused CPU passes (see sharpopt.backends.base for the contract)";
+  m.def("isa", &isa, "vector instruction set this module was compiled for");
+  m.def("triad", &triad, "a <- b + s * c (fp32), for bandwidth measurements");
+  m.def("sumsq", &sumsq);
+  m.def("dot", &dot);
+  m.def("perturb", &perturb);
+  m.def("restore", &restore);
+  m.def("lincomb", &lincomb);
+  m.def("restore_sgd", &restore_sgd);
+  m.def("restore_adam", &restore_adam);
+}

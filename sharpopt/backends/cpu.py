@@ -1,0 +1,90 @@
+"""Backend ``cpu``: the fused passes as one compiled C++ call per pass over a tensor list.
+
+Each pass reads and writes every tensor once (the SPEC's "ideal fused" byte counts), runs on
+all threads of ``torch.get_num_threads()`` through ``at::parallel_for``, and vectorises with
+ATen's ``at::vec``. The per-element math is ``csrc/sharpopt_math.h``, shared with the
+``cuda`` backend. Reductions cut the work into shape-determined units and add the unit
+partials in a fixed order, in double, so they are bit-reproducible for any thread count.
+bf16/fp16 tensors are computed in fp32 and rounded once when stored.
+
+The extension comes from ``setup.py`` or is compiled on first use (see ``sharpopt._build``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .base import Ops, Scalar
+
+
+def _scalar(s: Scalar) -> Tuple[float, Optional[Tensor]]:
+    """A pass scalar as (value, tensor): the C++ side reads the tensor when one is given."""
+    if isinstance(s, Tensor):
+        return 0.0, s
+    return float(s), None
+
+
+def _opt(row_means: Optional[Sequence[Optional[Tensor]]]) -> List[Optional[Tensor]]:
+    return [] if row_means is None else list(row_means)
+
+
+class CpuOps(Ops):
+    name = "cpu"
+    fuses_base_update = True
+    requires_contiguous = True
+
+    def __init__(self, ext) -> None:
+        self._ext = ext
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    def sumsq(self, grads, params, *, adaptive, eta, centralize, row_means=None) -> Tensor:
+        return self._ext.sumsq(list(grads), list(params) if adaptive else [], bool(adaptive),
+                               float(eta), bool(centralize), _opt(row_means))
+
+    def dot(self, xs, ys) -> Tensor:
+        return self._ext.dot(list(xs), list(ys))
+
+    def perturb(self, params, grads, saved, scale, *, adaptive, eta, row_means=None,
+                save=True) -> None:
+        value, tensor = _scalar(scale)
+        self._ext.perturb(list(params), list(grads), list(saved), value, tensor, bool(adaptive),
+                          float(eta), _opt(row_means), bool(save))
+
+    def restore(self, params, saved) -> None:
+        self._ext.restore(list(params), list(saved))
+
+    def lincomb(self, out, xs, coefs) -> None:
+        if not 1 <= len(xs) <= 3 or len(xs) != len(coefs):
+            raise ValueError("lincomb takes 1 to 3 terms with one coefficient each")
+        split = [_scalar(c) for c in coefs]
+        tensors = [t for _, t in split]
+        self._ext.lincomb(list(out), [list(x) for x in xs], [v for v, _ in split],
+                          tensors if any(t is not None for t in tensors) else [])
+
+    def restore_sgd(self, params, saved, grads, momentum_buffers, *, lr, weight_decay,
+                    momentum, dampening, nesterov, maximize, init_buffers) -> None:
+        self._ext.restore_sgd(
+            list(params), [] if saved is None else list(saved), saved is not None, list(grads),
+            list(momentum_buffers) if momentum != 0 else [], float(lr), float(weight_decay),
+            float(momentum), float(dampening), bool(nesterov), bool(maximize),
+            bool(init_buffers))
+
+    def restore_adam(self, params, saved, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *,
+                     step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                     maximize) -> None:
+        self._ext.restore_adam(
+            list(params), [] if saved is None else list(saved), saved is not None, list(grads),
+            list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
+            int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            bool(decoupled), bool(amsgrad), bool(maximize))
+
+
+def load() -> Ops:
+    """The ``cpu`` backend; raises BackendUnavailable when its extension cannot be built."""
+    from .._build import load_extension
+
+    return CpuOps(load_extension("cpu"))
