@@ -148,7 +148,7 @@ class _Core(Optimizer):
             self._lincomb(b, self._buffers(name, b.params), [(1.0, b.grads)])
 
     def _row_means(self, params: Sequence[Tensor]) -> List[Optional[Tensor]]:
-        """fp32 (fp64 for fp64 parameters) per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
+        """fp32 per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
         store = self._scratch.setdefault("row_means", {})
         out: List[Optional[Tensor]] = []
         for p in params:
@@ -157,8 +157,7 @@ class _Core(Optimizer):
                 continue
             buf = store.get(p)
             if buf is None:
-                acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-                buf = store[p] = torch.empty(p.shape[0], dtype=acc, device=p.device)
+                buf = store[p] = torch.empty(p.shape[0], dtype=torch.float32, device=p.device)
             out.append(buf)
         return out
 

@@ -52,8 +52,8 @@ def test_sumsq_and_perturb_match_reference(ops, shape_list, dtype, seed, adaptiv
                                            eta, scale):
     g = tensors(shape_list, dtype, seed)
     w = tensors(shape_list, dtype, seed + 1)
-    means = lambda: [torch.empty(t.shape[0], dtype=torch.float64 if dtype == torch.float64
-                                 else torch.float32) if t.dim() > 1 else None for t in w]
+    means = lambda: [torch.empty(t.shape[0], dtype=torch.float32) if t.dim() > 1 else None
+                     for t in w]
     m_ref, m_ops = means(), means()
     s_ref = REF.sumsq(g, w, adaptive=adaptive, eta=eta, centralize=centralize, row_means=m_ref)
     s_ops = ops.sumsq(g, w, adaptive=adaptive, eta=eta, centralize=centralize, row_means=m_ops)

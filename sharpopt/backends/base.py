@@ -12,7 +12,9 @@ Conventions shared by every pass:
   mixed groups before calling), all of the same length ``n``. Entries are aligned by
   index: ``params[i]``, ``grads[i]``, ``saved[i]`` belong to the same parameter.
 * Tensors are dense and contiguous. ``params``, ``saved`` and the optimizer state have the
-  parameter's dtype; ``row_means`` buffers are fp32 (fp64 for fp64 parameters).
+  parameter's dtype; ``row_means`` buffers are fp32 (for fp64 parameters
+  too: the centralised direction then carries the mean to fp32 precision; the norm itself
+  is accumulated in fp64).
 * Scalars (``scale``, the entries of ``coefs``) are Python floats or 0-dim fp32 tensors on
   the tensors' device. A pass never calls ``.item()`` on them: norms stay on the device.
 * Reductions (``sumsq``, ``dot``) return a 0-dim tensor on the tensors' device, fp32
@@ -66,7 +68,7 @@ class Ops:
 
         When ``row_means`` is given, ``row_means[i]`` is either None (the tensor has
         ``dim <= 1``) or an fp32 buffer of ``g_i.shape[0]`` elements that receives the
-        per-row mean of ``g_i`` (accumulated in the buffer's precision), so that :meth:`perturb` can centralise without a second
+        per-row mean of ``g_i``, so that :meth:`perturb` can centralise without a second
         reduction. This is independent of ``centralize`` (GCSAM's "raw" norm wants the
         plain norm but a centralised direction).
         """
