@@ -220,6 +220,23 @@ def test_forced_unavailable_backend_raises_with_reason(monkeypatch):
         sharpopt.SAM(net().parameters(), torch.optim.SGD, lr=0.1)
 
 
+def test_failed_fused_backend_falls_back_with_one_warning(monkeypatch):
+    from sharpopt import backends as dispatch
+    reason = "backend 'cpu' is unavailable: the compiler failed (simulated)"
+    monkeypatch.setitem(dispatch._failed, "cpu", reason)
+    monkeypatch.delitem(dispatch._loaded, "cpu", raising=False)
+    monkeypatch.setattr(dispatch, "_announced", set())
+    monkeypatch.delenv("SHARPOPT_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="compiler failed"):
+        opt = sharpopt.SAM(net().parameters(), torch.optim.SGD, lr=0.1)
+    assert opt.backend == "foreach"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # once, not per optimizer
+        sharpopt.SAM(net().parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(BackendUnavailable, match="compiler failed"):
+        sharpopt.SAM(net().parameters(), torch.optim.SGD, lr=0.1, backend="cpu")
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown sharpopt backend 'fastest'"):
         sharpopt.SAM(net().parameters(), torch.optim.SGD, lr=0.1, backend="fastest")

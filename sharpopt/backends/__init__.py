@@ -6,9 +6,10 @@
 
 * an explicit name (``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"``, ``"triton"``)
   returns that backend or raises :class:`BackendUnavailable` saying why it cannot run;
-* ``"auto"`` walks the preference list of the device type, takes the first backend that
-  loads, and falls back quietly past those that do not (logging, once, what it chose and
-  why the better ones were skipped).
+* ``"auto"`` walks the preference list of the device type and takes the first backend
+  that loads. It logs its choice once (``logging``, logger ``"sharpopt"``); when every
+  fused backend failed to load (a build error, a missing package) and it falls back to
+  ``foreach``, it also warns once, saying why.
 
 Backends are loaded lazily: nothing is imported or compiled until an optimizer asks.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -90,11 +92,13 @@ def resolve(requested: str, device: torch.device) -> Ops:
             )
         return ops
     skipped: List[Tuple[str, str]] = []
+    failed: List[str] = []
     for name in AUTO_ORDER.get(device.type, _DEFAULT_ORDER):
         try:
             ops = _load(name)
         except BackendUnavailable as exc:
             skipped.append((name, str(exc)))
+            failed.append(str(exc))
             continue
         if not ops.supports(device):
             skipped.append((name, f"does not run on {device.type}"))
@@ -107,6 +111,11 @@ def resolve(requested: str, device: torch.device) -> Ops:
                 "sharpopt: backend 'auto' chose %r for %s tensors%s",
                 name, device.type, f" ({why})" if why else "",
             )
+            if failed and name == "foreach":
+                warnings.warn(
+                    f"sharpopt: no fused backend for {device.type} tensors, using 'foreach' "
+                    f"({'; '.join(failed)})", RuntimeWarning, stacklevel=3,
+                )
         return ops
     raise BackendUnavailable(f"no sharpopt backend runs on {device.type} tensors")
 
