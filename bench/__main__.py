@@ -47,7 +47,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 

@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 
 from sharpopt.backends import reference  # noqa: E402
 from sharpopt.backends import triton as triton_backend  # noqa: E402
-from sharpopt.kernels import norm, tables  # noqa: E402
+from sharpopt.kernels import tables  # noqa: E402
 
 # Empty rows divide 0 by 0 on purpose (a nan mean, as torch's); numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

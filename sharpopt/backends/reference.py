@@ -9,7 +9,6 @@ torch.optim itself.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
