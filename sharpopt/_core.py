@@ -119,27 +119,28 @@ class _Core(Optimizer):
                         )
         return buckets
 
-    def _gather(self, params_of: Optional[Callable[[dict], Sequence[Tensor]]] = None
-                ) -> List[Bucket]:
-        """Buckets over all groups; by default the parameters that have a gradient now."""
+    def _gather(self) -> List[Bucket]:
+        """Buckets of the parameters that have a gradient now, over all groups."""
         buckets: List[Bucket] = []
         for group in self.param_groups:
-            params = self._with_grad(group) if params_of is None else params_of(group)
-            buckets.extend(self._buckets(group, params))
+            buckets.extend(self._buckets(group, self._with_grad(group)))
         return buckets
 
-    def _buffers(self, name: str, params: Sequence[Tensor],
-                 like: Optional[Callable[[Tensor], Tensor]] = None) -> List[Tensor]:
+    def _buffers(self, name: str, params: Sequence[Tensor]) -> List[Tensor]:
         """Scratch tensors named ``name`` for ``params``, allocated once and then reused."""
         store = self._scratch.setdefault(name, {})
         out = []
         for p in params:
             buf = store.get(p)
             if buf is None:
-                buf = store[p] = torch.empty_like(p, memory_format=torch.contiguous_format) \
-                    if like is None else like(p)
+                buf = store[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
             out.append(buf)
         return out
+
+    def _restore(self, b: Bucket, params: Optional[Sequence[Tensor]] = None) -> None:
+        """``w ← saved`` for ``params`` (default: all of bucket ``b``), bit for bit."""
+        params = b.params if params is None else params
+        b.ops.restore(params, self._buffers("saved", params))
 
     def _keep_grads(self, buckets: Sequence[Bucket], name: str) -> None:
         """Copy the current gradients into the scratch buffers ``name`` (kept for the next
@@ -218,9 +219,8 @@ class SharpnessAware(_Core):
             )
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim class, got {base_optimizer!r}")
-        for key in ("rho",):
-            if key in defaults:
-                _check_positive(key, defaults[key])
+        if "rho" in defaults:
+            _check_positive("rho", defaults["rho"])
         self._algo_defaults = dict(defaults)
         self._perturbed: Optional[List[Bucket]] = None
         self.check_finite = bool(check_finite)
@@ -354,8 +354,7 @@ class SharpnessAware(_Core):
                 "returned False: the update was already applied on that step)"
             )
         buckets = self._perturbed
-        missing = [b for b in buckets if any(p.grad is None for p in b.params)]
-        if missing:
+        if any(p.grad is None for b in buckets for p in b.params):
             buckets = self._restore_missing(buckets)
         try:
             ok = self._gradients_ok(buckets, grad_scaler, record=True, when="the second pass")
@@ -377,7 +376,7 @@ class SharpnessAware(_Core):
         for b in buckets:
             lost = [p for p in b.params if p.grad is None]
             if lost:
-                b.ops.restore(lost, self._buffers("saved", lost))
+                self._restore(b, lost)
             have = [p for p in b.params if p.grad is not None]
             if have:
                 kept.append(Bucket(b.ops, have, b.group))
@@ -464,7 +463,7 @@ class SharpnessAware(_Core):
         if self._perturbed is not None:
             buckets, self._perturbed = self._perturbed, None
             for b in buckets:
-                b.ops.restore(b.params, self._buffers("saved", b.params))
+                self._restore(b)
 
     # -- restore merged with the base update --------------------------------------------
     def _fusable(self) -> Optional[str]:
@@ -499,7 +498,7 @@ class SharpnessAware(_Core):
         if kind is None or not all(b.ops.fuses_base_update for b in buckets):
             for b in buckets:
                 if restore:
-                    b.ops.restore(b.params, self._buffers("saved", b.params))
+                    self._restore(b)
                 if directions is not None:
                     for p, d in zip(b.params, directions(b)):
                         if d is not p.grad:

@@ -59,7 +59,9 @@ class CRSAM(SAM):
                 self._require_grads(buckets)
                 self._gradients_ok(buckets, None, record=False, when="the pass at w + e")
                 self._keep_grads(buckets, "gplus")
-                self._perturb_minus(buckets)
+                # w - e: the first ascent mirrored, e still from g0
+                self._perturb(buckets, lambda b: self._buffers("g0", b.params),
+                              sign=-1.0, save=False)
             self.zero_grad()
             closure()
             self._require_grads(buckets)
@@ -85,14 +87,3 @@ class CRSAM(SAM):
         if any(p.grad is None for b in buckets for p in b.params):
             raise RuntimeError("CRSAM: a parameter that had a gradient at w has none at a "
                                "perturbed point; the closure must use the same parameters")
-
-    def _perturb_minus(self, buckets: List[Bucket]) -> None:
-        """``w ← saved − e``: the same ascent as the first, mirrored (``e`` from ``g0``)."""
-        g0 = lambda b: self._buffers("g0", b.params)
-        adaptive = buckets[0].group["adaptive"] if buckets else False
-        norm = self._norm(buckets, g0, adaptive=adaptive)
-        denom = norm + self.eps
-        for b in buckets:
-            scale = -self._on(self._rho(b.group), b.device) / denom.to(b.device)
-            b.ops.perturb(b.params, g0(b), self._buffers("saved", b.params), scale,
-                          adaptive=adaptive, eta=b.group["eta"], save=False)

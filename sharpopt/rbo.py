@@ -97,7 +97,7 @@ class RBO(_Core):
         except BaseException:
             with torch.no_grad():
                 for b in buckets:
-                    b.ops.restore(b.params, self._buffers("saved", b.params))
+                    self._restore(b)
             raise
         return loss
 

@@ -76,8 +76,10 @@ class SAM(SharpnessAware):
     def _rho(self, group: dict):
         return group["rho"]
 
-    def _perturb(self, buckets: List[Bucket], grads_of=lambda b: b.grads) -> None:
-        """``saved ← w;  w ← w + rho · T² ⊙ C(v) / (‖T ⊙ u‖ + eps)`` for ``v = grads_of``."""
+    def _perturb(self, buckets: List[Bucket], grads_of=lambda b: b.grads, *,
+                 sign: float = 1.0, save: bool = True) -> None:
+        """``saved ← w`` (when ``save``);  ``w ← saved + sign · rho · T² ⊙ C(v) / (‖T ⊙ u‖ +
+        eps)`` for ``v = grads_of`` (``sign = −1, save = False`` gives CR-SAM's ``w − e``)."""
         adaptive = any(b.group["adaptive"] for b in buckets)
         if adaptive and not all(b.group["adaptive"] for b in buckets):
             raise ValueError("adaptive must be the same in every param group (the norm is global)")
@@ -86,11 +88,11 @@ class SAM(SharpnessAware):
                           row_means=centralize)
         denom = norm + self.eps
         for b in buckets:
-            scale = self._on(self._rho(b.group), b.device) / denom.to(b.device)
+            scale = sign * self._on(self._rho(b.group), b.device) / denom.to(b.device)
             b.ops.perturb(
                 b.params, grads_of(b), self._buffers("saved", b.params), scale,
                 adaptive=adaptive, eta=b.group["eta"],
-                row_means=self._row_means(b.params) if centralize else None,
+                row_means=self._row_means(b.params) if centralize else None, save=save,
             )
 
     def _ascent(self, buckets: List[Bucket]) -> bool:

@@ -105,6 +105,15 @@ def test_grad_scaler_inf_skips_whole_step_and_lowers_scale(backend, poison):
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), snap[0]))
 
 
+def assert_trains(opt, closure, steps=20):
+    """``steps`` optimizer steps lower the closure's loss."""
+    first = float(closure().detach())
+    opt.zero_grad()
+    for _ in range(steps):
+        opt.step(closure)
+    assert float(closure().detach()) < first
+
+
 def test_bf16_autocast_needs_no_scaler():
     x, y = batch()
     model = net()
@@ -115,11 +124,7 @@ def test_bf16_autocast_needs_no_scaler():
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         return loss
-    first = float(closure().detach())
-    model.zero_grad()
-    for _ in range(20):
-        opt.step(closure)
-    assert float(closure()) < first
+    assert_trains(opt, closure)
 
 
 def test_bf16_parameters_train():
@@ -131,11 +136,7 @@ def test_bf16_parameters_train():
         loss = F.cross_entropy(model(x.bfloat16()).float(), y)
         loss.backward()
         return loss
-    first = float(closure().detach())
-    model.zero_grad()
-    for _ in range(20):
-        opt.step(closure)
-    assert float(closure()) < first
+    assert_trains(opt, closure)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
@@ -249,11 +250,12 @@ def test_compiled_model_trains(backend):
     model = net()
     compiled = torch.compile(model, backend="aot_eager")
     opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, lr=0.2, backend=backend)
-    closure = lambda: F.cross_entropy(compiled(x), y).backward()
-    first = float(F.cross_entropy(model(x), y))
-    for _ in range(10):
-        opt.step(closure)
-    assert float(F.cross_entropy(model(x), y)) < first
+
+    def closure():
+        loss = F.cross_entropy(compiled(x), y)
+        loss.backward()
+        return loss
+    assert_trains(opt, closure, steps=10)
 
 
 # -- distributed (2 processes, gloo, CPU) ------------------------------------------------

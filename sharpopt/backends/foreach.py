@@ -70,12 +70,10 @@ class ForeachOps(Ops):
         grads = list(grads)
         if _low(grads) and (adaptive or centralize or row_means is not None):
             grads, params = [g.float() for g in grads], [w.float() for w in params]
-        means = [
-            g.to(torch.float64 if g.dtype == torch.float64 else torch.float32).mean(dim=centralize_dims(g)) if (g.dim() > 1 and g.numel() and
-                                                        (centralize or row_means is not None))
-            else None
-            for g in grads
-        ] if (centralize or row_means is not None) else [None] * len(grads)
+        # grads are fp32 or fp64 here whenever means are needed (low precision was upcast)
+        need_means = centralize or row_means is not None
+        means = [g.mean(dim=centralize_dims(g)) if need_means and g.dim() > 1 and g.numel()
+                 else None for g in grads]
         if row_means is not None:
             for m_out, m in zip(row_means, means):
                 if m_out is not None and m is not None:

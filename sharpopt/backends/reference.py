@@ -29,15 +29,14 @@ def _scalar(s: Scalar, like: Tensor):
     return s.to(device=like.device, dtype=like.dtype) if isinstance(s, Tensor) else s
 
 
-def _direction(g: Tensor, w: Tensor, adaptive: bool, eta: float,
-               centralize: bool, square_t: bool) -> Tensor:
-    """``T^k ⊙ C(g)`` in the accumulation dtype, with ``k = 2`` if ``square_t`` else 1."""
+def _weighted(g: Tensor, w: Tensor, adaptive: bool, eta: float, centralize: bool) -> Tensor:
+    """``T ⊙ C(g)`` in the accumulation dtype (the vector whose norm ``sumsq`` takes)."""
     d = _up(g)
     if centralize and g.dim() > 1:
         d = d - d.mean(dim=centralize_dims(g), keepdim=True)
     if adaptive:
         t = _up(w).abs() + eta
-        d = d * (t * t if square_t else t)
+        d = d * t
     return d
 
 
@@ -51,7 +50,7 @@ class ReferenceOps(Ops):
     def sumsq(self, grads, params, *, adaptive, eta, centralize, row_means=None) -> Tensor:
         total = None
         for i, (g, w) in enumerate(zip(grads, params)):
-            v = _direction(g, w, adaptive, eta, centralize, square_t=False)
+            v = _weighted(g, w, adaptive, eta, centralize)
             s = (v * v).sum()
             total = s if total is None else total + s
             if row_means is not None and row_means[i] is not None:
