@@ -9,6 +9,12 @@ the generic "restore, then ``base.step()``" path, ``state_dict`` with the base s
 the two-pass protocol (``first_step`` / ``second_step`` / ``step(closure)``).
 
 Each algorithm module (``sam.py``, ``gsam.py``, ...) only says which passes to run.
+
+Sharded parameters (DTensor, as FSDP2's ``fully_shard`` makes them) are keys for the
+optimizer state and the scratch buffers; the passes run on their local shards, and every
+global sum (norms, dot products, the non-finite check) is all-reduced over the mesh
+dimensions the tensor is sharded on, so each rank computes the same scalars as one
+process holding the whole model.
 """
 from __future__ import annotations
 
@@ -23,24 +29,71 @@ from torch.optim import Optimizer
 from .backends import resolve
 from .backends.base import Ops
 
+try:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support has no sharded tensors
+    dist, DTensor = None, ()
+
 __all__ = ["SharpnessAware"]
+
+
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The shard of ``t`` held by this rank (``t`` itself for an ordinary tensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _reduce_groups(p: Tensor) -> tuple:
+    """Process groups over which a sum of ``p``'s local elements must be all-reduced: one
+    per mesh dimension ``p`` is sharded on (replicated dimensions hold equal copies)."""
+    if not isinstance(p, DTensor):
+        return ()
+    groups = []
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            groups.append(p.device_mesh.get_group(dim))
+        elif not placement.is_replicate():
+            raise ValueError(
+                f"sharded parameter of shape {tuple(p.shape)} has placement {placement}; "
+                "only Shard and Replicate placements are supported (a Partial parameter "
+                "has no well-defined value to perturb)"
+            )
+    return tuple(groups)
 
 
 @dataclass
 class Bucket:
-    """Parameters of one param group that share a device and a dtype."""
+    """Parameters of one param group that share a device, a dtype and a sharding.
+
+    ``sources`` are the parameters as the user holds them (keys for the optimizer state and
+    scratch buffers); ``params`` are the tensors the passes read and write: the same
+    objects, or the local shards of DTensor parameters. ``reduce_over`` lists the process
+    groups a sum over this bucket is all-reduced over (empty when nothing is sharded).
+    """
 
     ops: Ops
-    params: List[Tensor]
+    sources: List[Tensor]
     group: dict
+    reduce_over: tuple = ()
+    params: List[Tensor] = field(init=False)
     device: torch.device = field(init=False)
+    sharded: bool = field(init=False)
 
     def __post_init__(self):
+        self.sharded = isinstance(self.sources[0], DTensor)
+        self.params = [_local(p) for p in self.sources] if self.sharded else self.sources
         self.device = self.params[0].device
 
     @property
     def grads(self) -> List[Tensor]:
-        return [p.grad for p in self.params]
+        return self.local([p.grad for p in self.sources])
+
+    def local(self, tensors: List[Tensor]) -> List[Tensor]:
+        """Local shards of per-parameter tensors (state shaped like the parameters)."""
+        return [_local(t) for t in tensors] if self.sharded else tensors
+
+    def subset(self, sources: List[Tensor]) -> "Bucket":
+        return Bucket(self.ops, sources, self.group, self.reduce_over)
 
 
 def _check_positive(name: str, value, allow_zero: bool = True) -> None:
@@ -105,12 +158,16 @@ class _Core(Optimizer):
     def _buckets(self, group: dict, params: Sequence[Tensor]) -> List[Bucket]:
         by_key: Dict[tuple, List[Tensor]] = {}
         for p in params:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        buckets = [Bucket(self._ops_for(dev), ps, group) for (dev, _), ps in by_key.items()]
+            key = (p.device, p.dtype)
+            if isinstance(p, DTensor):
+                key += (_reduce_groups(p),)
+            by_key.setdefault(key, []).append(p)
+        buckets = [Bucket(self._ops_for(key[0]), ps, group, *key[2:])
+                   for key, ps in by_key.items()]
         for b in buckets:
             if b.ops.requires_contiguous:
-                for p in b.params:
-                    if not (p.is_contiguous() and p.grad.is_contiguous()):
+                for p, g in zip(b.params, b.grads):
+                    if not (p.is_contiguous() and g.is_contiguous()):
                         raise ValueError(
                             f"backend {b.ops.name!r} needs contiguous parameters and "
                             f"gradients; one of shape {tuple(p.shape)} is not (call "
@@ -126,43 +183,77 @@ class _Core(Optimizer):
             buckets.extend(self._buckets(group, self._with_grad(group)))
         return buckets
 
-    def _buffers(self, name: str, params: Sequence[Tensor]) -> List[Tensor]:
-        """Scratch tensors named ``name`` for ``params``, allocated once and then reused."""
+    def _buffers(self, name: str, sources: Sequence[Tensor]) -> List[Tensor]:
+        """Scratch tensors named ``name`` for the parameters ``sources`` (local shards for
+        sharded ones), allocated once and then reused."""
         store = self._scratch.setdefault(name, {})
         out = []
-        for p in params:
+        for p in sources:
             buf = store.get(p)
             if buf is None:
-                buf = store[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                buf = store[p] = torch.empty_like(_local(p), memory_format=torch.contiguous_format)
             out.append(buf)
         return out
 
-    def _restore(self, b: Bucket, params: Optional[Sequence[Tensor]] = None) -> None:
-        """``w ← saved`` for ``params`` (default: all of bucket ``b``), bit for bit."""
-        params = b.params if params is None else params
-        b.ops.restore(params, self._buffers("saved", params))
+    def _restore(self, b: Bucket, sources: Optional[Sequence[Tensor]] = None) -> None:
+        """``w ← saved`` for ``sources`` (default: all of bucket ``b``), bit for bit."""
+        if sources is None:
+            b.ops.restore(b.params, self._buffers("saved", b.sources))
+        else:
+            b.ops.restore([_local(p) for p in sources], self._buffers("saved", sources))
 
     def _keep_grads(self, buckets: Sequence[Bucket], name: str) -> None:
         """Copy the current gradients into the scratch buffers ``name`` (kept for the next
         pass, which overwrites ``p.grad``)."""
         for b in buckets:
-            self._lincomb(b, self._buffers(name, b.params), [(1.0, b.grads)])
+            self._lincomb(b, self._buffers(name, b.sources), [(1.0, b.grads)])
 
-    def _row_means(self, params: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    def _row_means(self, sources: Sequence[Tensor]) -> List[Optional[Tensor]]:
         """fp32 per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
         store = self._scratch.setdefault("row_means", {})
         out: List[Optional[Tensor]] = []
-        for p in params:
+        for p in sources:
             if p.dim() <= 1:
                 out.append(None)
                 continue
             buf = store.get(p)
             if buf is None:
-                buf = store[p] = torch.empty(p.shape[0], dtype=torch.float32, device=p.device)
+                if isinstance(p, DTensor) and any(
+                        pl.is_shard() and pl.dim != 0 for pl in p.placements):
+                    raise ValueError(
+                        f"gradient centralisation needs whole rows, but a parameter of shape "
+                        f"{tuple(p.shape)} is sharded as {p.placements}; shard it on dim 0 "
+                        "(as FSDP2 does) or use a variant without centralisation"
+                    )
+                local = _local(p)
+                buf = store[p] = torch.empty(local.shape[0], dtype=torch.float32,
+                                             device=local.device)
             out.append(buf)
         return out
 
     # -- global reductions (no host synchronisation) ------------------------------------
+    def _reduce(self, buckets: Sequence[Bucket], parts: Iterable[Tensor]) -> Tensor:
+        """``Σ parts`` (one partial sum per bucket), each summed over the ranks that hold the
+        other shards of its bucket's parameters, as a 0-dim tensor on the primary device.
+
+        Every rank has the same buckets in the same order (the same parameters have
+        gradients), so the all-reduces below are issued identically on each of them.
+        """
+        local, shared = [], {}
+        for b, s in zip(buckets, parts):
+            if b.reduce_over:
+                s = s.to(self._primary, non_blocking=True)
+                prev = shared.get(b.reduce_over)
+                shared[b.reduce_over] = s if prev is None else prev + s
+            else:
+                local.append(s)
+        for groups, s in shared.items():
+            s = s.clone()
+            for pg in groups:
+                dist.all_reduce(s, group=pg)
+            local.append(s)
+        return self._total(local)
+
     def _total(self, parts: Iterable[Tensor]) -> Tensor:
         total = None
         for s in parts:
@@ -176,17 +267,17 @@ class _Core(Optimizer):
               *, adaptive: bool = False, centralize: bool = False,
               row_means: bool = False) -> Tensor:
         """``‖T ⊙ C(v)‖`` over every bucket, as a 0-dim tensor on the primary device."""
-        return self._total(
+        return self._reduce(buckets, (
             b.ops.sumsq(
                 grads_of(b), b.params, adaptive=adaptive, eta=b.group.get("eta", 0.0),
                 centralize=centralize,
-                row_means=self._row_means(b.params) if row_means else None,
+                row_means=self._row_means(b.sources) if row_means else None,
             )
             for b in buckets
-        ).sqrt()
+        )).sqrt()
 
     def _dot(self, buckets: Sequence[Bucket], xs_of, ys_of) -> Tensor:
-        return self._total(b.ops.dot(xs_of(b), ys_of(b)) for b in buckets)
+        return self._reduce(buckets, (b.ops.dot(xs_of(b), ys_of(b)) for b in buckets))
 
     @staticmethod
     def _on(value, device: torch.device):
@@ -195,6 +286,20 @@ class _Core(Optimizer):
     def _lincomb(self, b: Bucket, out: Sequence[Tensor], terms) -> None:
         """``out ← Σ c · x`` for ``terms = [(c, xs), ...]`` on bucket ``b``."""
         b.ops.lincomb(out, [xs for _, xs in terms], [self._on(c, b.device) for c, _ in terms])
+
+
+class _StepState:
+    """What the two-pass protocol carries from one call to the next.
+
+    It lives in its own plain object rather than in attributes of the optimizer because
+    ``torch.compile`` (torch 2.13) silently drops attribute writes made inside a compiled
+    method of a ``torch.optim.Optimizer`` subclass, but keeps writes to a plain object's:
+    a compiled ``first_step`` would otherwise leave no record of the perturbation.
+    """
+
+    def __init__(self):
+        self.perturbed: Optional[List[Bucket]] = None   # buckets holding w + e, if any
+        self.calls = 0                                    # completed first steps (every-k)
 
 
 class SharpnessAware(_Core):
@@ -222,9 +327,8 @@ class SharpnessAware(_Core):
         if "rho" in defaults:
             _check_positive("rho", defaults["rho"])
         self._algo_defaults = dict(defaults)
-        self._perturbed: Optional[List[Bucket]] = None
+        self._run = _StepState()
         self.check_finite = bool(check_finite)
-        self._calls = 0
         super().__init__(params, defaults, backend=backend, eps=eps)
         for group in self.param_groups:
             self._check_group(group)
@@ -255,7 +359,7 @@ class SharpnessAware(_Core):
         Refused between ``first_step`` and ``second_step``: the model then holds the
         perturbed weights ``w + e``, and a checkpoint of it would silently resume from them.
         """
-        if self._perturbed is not None:
+        if self._run.perturbed is not None:
             raise RuntimeError(
                 f"{type(self).__name__}.state_dict() called between first_step() and "
                 "second_step(): the parameters are perturbed (w + e) right now. Save the "
@@ -263,7 +367,7 @@ class SharpnessAware(_Core):
             )
         sd = super().state_dict()
         sd["base_optimizer"] = self.base_optimizer.state_dict()
-        sd["sharpopt"] = {"calls": self._calls}
+        sd["sharpopt"] = {"calls": self._run.calls}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -272,13 +376,13 @@ class SharpnessAware(_Core):
                 "this state_dict has no 'base_optimizer' entry; it was not saved by a "
                 "sharpopt optimizer (load the base optimizer's own state into .base_optimizer)"
             )
-        if self._perturbed is not None:
+        if self._run.perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
         own = {k: v for k, v in state_dict.items() if k in ("state", "param_groups")}
         super().load_state_dict(own)
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self.param_groups = self.base_optimizer.param_groups
-        self._calls = int(state_dict.get("sharpopt", {}).get("calls", 0))
+        self._run.calls = int(state_dict.get("sharpopt", {}).get("calls", 0))
 
     # -- the two-pass protocol -----------------------------------------------------------
     def _ascent(self, buckets: List[Bucket]) -> bool:  # pragma: no cover - abstract
@@ -314,7 +418,7 @@ class SharpnessAware(_Core):
         return self._first(zero_grad, grad_scaler)
 
     def _first(self, zero_grad: bool, grad_scaler=None) -> bool:
-        if self._perturbed is not None:
+        if self._run.perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already "
                 "perturbed"
@@ -326,9 +430,9 @@ class SharpnessAware(_Core):
                 self.zero_grad()
             return False
         perturbed = self._ascent(buckets)
-        self._calls += 1
+        self._run.calls += 1
         if perturbed:
-            self._perturbed = buckets
+            self._run.perturbed = buckets
         if zero_grad:
             self.zero_grad()
         return perturbed
@@ -348,13 +452,13 @@ class SharpnessAware(_Core):
         self._second(zero_grad, grad_scaler)
 
     def _second(self, zero_grad: bool, grad_scaler=None) -> None:
-        if self._perturbed is None:
+        if self._run.perturbed is None:
             raise RuntimeError(
                 "second_step() called without a matching first_step() (or first_step() "
                 "returned False: the update was already applied on that step)"
             )
-        buckets = self._perturbed
-        if any(p.grad is None for b in buckets for p in b.params):
+        buckets = self._run.perturbed
+        if any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
         try:
             ok = self._gradients_ok(buckets, grad_scaler, record=True, when="the second pass")
@@ -364,7 +468,7 @@ class SharpnessAware(_Core):
         if not ok:
             self._abort()
         else:
-            self._perturbed = None
+            self._run.perturbed = None
             self._descent(buckets)
         if zero_grad:
             self.zero_grad()
@@ -374,12 +478,12 @@ class SharpnessAware(_Core):
         restored and left out of the update, as torch.optim skips ``grad is None``."""
         kept: List[Bucket] = []
         for b in buckets:
-            lost = [p for p in b.params if p.grad is None]
+            lost = [p for p in b.sources if p.grad is None]
             if lost:
                 self._restore(b, lost)
-            have = [p for p in b.params if p.grad is not None]
+            have = [p for p in b.sources if p.grad is not None]
             if have:
-                kept.append(Bucket(b.ops, have, b.group))
+                kept.append(b.subset(have))
         return kept
 
     # -- non-finite gradients and loss scaling -------------------------------------------
@@ -416,18 +520,16 @@ class SharpnessAware(_Core):
         return True
 
     def _nonfinite(self, buckets: List[Bucket], inv_scale: Optional[Tensor]) -> Tensor:
-        """Count of devices with a non-finite gradient; multiplies grads by ``inv_scale``."""
-        by_device: Dict[torch.device, List[Tensor]] = {}
-        for b in buckets:
-            by_device.setdefault(b.device, []).extend(b.grads)
+        """Count of buckets with a non-finite gradient, over every rank that holds a shard
+        of them (so all ranks skip or raise together); multiplies grads by ``inv_scale``."""
         parts = []
-        for device, grads in by_device.items():
-            found = torch.zeros(1, dtype=torch.float32, device=device)
-            inv = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None \
-                else inv_scale.to(device).reshape(1)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
+        for b in buckets:
+            found = torch.zeros(1, dtype=torch.float32, device=b.device)
+            inv = torch.ones(1, dtype=torch.float32, device=b.device) if inv_scale is None \
+                else inv_scale.to(b.device).reshape(1)
+            torch._amp_foreach_non_finite_check_and_unscale_(b.grads, found, inv)
             parts.append(found.reshape(()))
-        return self._total(parts)
+        return self._reduce(buckets, parts)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *, grad_scaler=None):
         """One whole step: ``closure`` (forward + backward, returns the loss) is evaluated
@@ -460,8 +562,8 @@ class SharpnessAware(_Core):
 
     def _abort(self) -> None:
         """Put the weights back when a step cannot finish (the training state is unchanged)."""
-        if self._perturbed is not None:
-            buckets, self._perturbed = self._perturbed, None
+        if self._run.perturbed is not None:
+            buckets, self._run.perturbed = self._run.perturbed, None
             for b in buckets:
                 self._restore(b)
 
@@ -500,13 +602,13 @@ class SharpnessAware(_Core):
                 if restore:
                     self._restore(b)
                 if directions is not None:
-                    for p, d in zip(b.params, directions(b)):
-                        if d is not p.grad:
-                            p.grad.copy_(d)
+                    for g, d in zip(b.grads, directions(b)):
+                        if d is not g:
+                            g.copy_(d)
             self.base_optimizer.step()
             return
         for b in buckets:
-            saved = self._buffers("saved", b.params) if restore else None
+            saved = self._buffers("saved", b.sources) if restore else None
             d = directions(b) if directions is not None else b.grads
             if kind == "sgd":
                 self._sgd(b, saved, d)
@@ -524,23 +626,24 @@ class SharpnessAware(_Core):
         # Parameters that have no momentum buffer yet (first step, or a group added
         # later) take buf = d, as torch.optim.SGD does; the others the running average.
         for init in (False, True):
-            idx = [i for i, p in enumerate(b.params)
+            idx = [i for i, p in enumerate(b.sources)
                    if (state[p].get("momentum_buffer") is None) == init]
             if not idx:
                 continue
-            ps = [b.params[i] for i in idx]
+            ps = [b.sources[i] for i in idx]
             if init:
                 for p in ps:
                     state[p]["momentum_buffer"] = torch.empty_like(p)
             b.ops.restore_sgd(
-                ps, None if saved is None else [saved[i] for i in idx], [d[i] for i in idx],
-                [state[p]["momentum_buffer"] for p in ps], init_buffers=init, **kw,
+                b.local(ps), None if saved is None else [saved[i] for i in idx],
+                [d[i] for i in idx], b.local([state[p]["momentum_buffer"] for p in ps]),
+                init_buffers=init, **kw,
             )
 
     def _adam(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
         amsgrad = group["amsgrad"]
-        for p in b.params:
+        for p in b.sources:
             st = state[p]
             if len(st) == 0:
                 st["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -548,7 +651,7 @@ class SharpnessAware(_Core):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        steps = [state[p]["step"] for p in b.params]
+        steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
         # Step counts differ only when parameters joined at different times; the counters
         # live on the host (as torch.optim keeps them), so reading them costs no sync.
@@ -558,11 +661,12 @@ class SharpnessAware(_Core):
         beta1, beta2 = group["betas"]
         decoupled = group.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
         for step, idx in by_step.items():
-            ps = [b.params[i] for i in idx]
+            ps = [b.sources[i] for i in idx]
             b.ops.restore_adam(
-                ps, None if saved is None else [saved[i] for i in idx], [d[i] for i in idx],
-                [state[p]["exp_avg"] for p in ps], [state[p]["exp_avg_sq"] for p in ps],
-                [state[p]["max_exp_avg_sq"] for p in ps] if amsgrad else [],
+                b.local(ps), None if saved is None else [saved[i] for i in idx],
+                [d[i] for i in idx], b.local([state[p]["exp_avg"] for p in ps]),
+                b.local([state[p]["exp_avg_sq"] for p in ps]),
+                b.local([state[p]["max_exp_avg_sq"] for p in ps]) if amsgrad else [],
                 step=int(step), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
                 maximize=group["maximize"],

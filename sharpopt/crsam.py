@@ -51,7 +51,7 @@ class CRSAM(SAM):
             self._gradients_ok(buckets, None, record=False, when="the pass at w")
             self._keep_grads(buckets, "g0")
             self._perturb(buckets)
-            self._perturbed = buckets
+            self._run.perturbed = buckets
         try:
             self.zero_grad()
             closure()
@@ -60,7 +60,7 @@ class CRSAM(SAM):
                 self._gradients_ok(buckets, None, record=False, when="the pass at w + e")
                 self._keep_grads(buckets, "gplus")
                 # w - e: the first ascent mirrored, e still from g0
-                self._perturb(buckets, lambda b: self._buffers("g0", b.params),
+                self._perturb(buckets, lambda b: self._buffers("g0", b.sources),
                               sign=-1.0, save=False)
             self.zero_grad()
             closure()
@@ -72,18 +72,18 @@ class CRSAM(SAM):
                 self._abort()
             raise
         with torch.no_grad():
-            self._perturbed = None
+            self._run.perturbed = None
             g, bt = self.gamma, self.beta
             for b in buckets:
-                self._lincomb(b, b.grads, [(1 + g + bt, self._buffers("gplus", b.params)),
+                self._lincomb(b, b.grads, [(1 + g + bt, self._buffers("gplus", b.sources)),
                                            (g - bt, b.grads),
-                                           (-2 * g, self._buffers("g0", b.params))])
+                                           (-2 * g, self._buffers("g0", b.sources))])
             self._restore_and_update(buckets)
-            self._calls += 1
+            self._run.calls += 1
         return loss
 
     @staticmethod
     def _require_grads(buckets: List[Bucket]) -> None:
-        if any(p.grad is None for b in buckets for p in b.params):
+        if any(p.grad is None for b in buckets for p in b.sources):
             raise RuntimeError("CRSAM: a parameter that had a gradient at w has none at a "
                                "perturbed point; the closure must use the same parameters")

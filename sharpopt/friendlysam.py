@@ -16,7 +16,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive
+from ._core import Bucket, _check_positive, _local
 from .sam import SAM
 
 __all__ = ["FriendlySAM"]
@@ -36,19 +36,22 @@ class FriendlySAM(SAM):
 
     def _ascent(self, buckets: List[Bucket]) -> bool:
         for b in buckets:
-            d = self._buffers("d", b.params)
-            old = [i for i, p in enumerate(b.params) if "momentum" in self.state[p]]
-            new = [i for i, p in enumerate(b.params) if "momentum" not in self.state[p]]
+            d = self._buffers("d", b.sources)
+            old = [i for i, p in enumerate(b.sources) if "momentum" in self.state[p]]
+            new = [i for i, p in enumerate(b.sources) if "momentum" not in self.state[p]]
             pick = lambda xs, idx: [xs[i] for i in idx]
             g = b.grads
             if old:
-                m = [self.state[b.params[i]]["momentum"] for i in old]
+                m = b.local([self.state[b.sources[i]]["momentum"] for i in old])
                 b.ops.lincomb(pick(d, old), [pick(g, old), m], [1.0, -self.sigma])
                 b.ops.lincomb(m, [m, pick(g, old)], [self.lam, 1.0 - self.lam])
             if new:
                 b.ops.lincomb(pick(d, new), [pick(g, new)], [1.0])
                 for i in new:
-                    self.state[b.params[i]]["momentum"] = g[i].detach().clone(
-                        memory_format=torch.contiguous_format)
-        self._perturb(buckets, grads_of=lambda b: self._buffers("d", b.params))
+                    # Shaped like the parameter (a DTensor for a sharded one), so that the
+                    # state checkpoints the way the base optimizer's does.
+                    m = torch.empty_like(b.sources[i], memory_format=torch.contiguous_format)
+                    _local(m).copy_(g[i])
+                    self.state[b.sources[i]]["momentum"] = m
+        self._perturb(buckets, grads_of=lambda b: self._buffers("d", b.sources))
         return True

@@ -59,7 +59,7 @@ class GSAM(SAM):
         return min(max(rho_min + (rho_max - rho_min) * frac, rho_min), rho_max)
 
     def _descent(self, buckets: List[Bucket]) -> None:
-        g0 = lambda b: self._buffers("g0", b.params)
+        g0 = lambda b: self._buffers("g0", b.sources)
         dot = self._dot(buckets, g0, lambda b: b.grads)
         gp_sq = self._norm(buckets, lambda b: b.grads).square()
         coef_gp = 1.0 + self.alpha * dot / (gp_sq + self.eps)

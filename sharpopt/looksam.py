@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive
+from ._core import Bucket, _check_positive, _local
 from .sam import SAM
 
 __all__ = ["LookSAM"]
@@ -37,13 +37,14 @@ class LookSAM(SAM):
         super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps, k=k,
                          backend=backend, **base_kwargs)
 
-    def _g_v(self, params) -> List[torch.Tensor]:
+    def _g_v(self, sources) -> List[torch.Tensor]:
+        """The (local shards of the) ``g_v`` state of parameters ``sources``."""
         out = []
-        for p in params:
+        for p in sources:
             st = self.state[p]
             if "g_v" not in st:
                 st["g_v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            out.append(st["g_v"])
+            out.append(_local(st["g_v"]))
         return out
 
     def _will_perturb(self) -> bool:
@@ -56,18 +57,18 @@ class LookSAM(SAM):
         if self._will_perturb():
             return super()._ascent(buckets)
         g_norm = self._norm(buckets, lambda b: b.grads)
-        gv_norm = self._norm(buckets, lambda b: self._g_v(b.params))
+        gv_norm = self._norm(buckets, lambda b: self._g_v(b.sources))
         coef = self.alpha * g_norm / (gv_norm + self.eps)
         for b in buckets:
-            self._lincomb(b, b.grads, [(1.0, b.grads), (coef, self._g_v(b.params))])
+            self._lincomb(b, b.grads, [(1.0, b.grads), (coef, self._g_v(b.sources))])
         self._restore_and_update(buckets, restore=False)
         return False
 
     def _descent(self, buckets: List[Bucket]) -> None:
-        g0 = lambda b: self._buffers("g0", b.params)
+        g0 = lambda b: self._buffers("g0", b.sources)
         dot = self._dot(buckets, g0, lambda b: b.grads)
         g_sq = self._norm(buckets, g0).square()
         coef = -dot / (g_sq + self.eps)
         for b in buckets:
-            self._lincomb(b, self._g_v(b.params), [(1.0, b.grads), (coef, g0(b))])
+            self._lincomb(b, self._g_v(b.sources), [(1.0, b.grads), (coef, g0(b))])
         self._restore_and_update(buckets)

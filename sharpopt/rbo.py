@@ -31,7 +31,9 @@ class RBO(_Core):
     """Rolling Ball Optimizer; see the module docstring for the update rule.
 
     ``closure`` must run forward and backward (it is called with grad enabled, after the
-    gradients were zeroed) and return the loss tensor.
+    gradients were zeroed) and return the loss tensor. Under data parallelism (DDP,
+    FSDP2) it must return the same global-batch loss on every rank (all-reduce it): the
+    update reads the loss value, and ranks that saw different values would drift apart.
     """
 
     def __init__(self, params, lr=0.01, rho=0.05, inner_steps=10, inner_lr=0.2, *,
@@ -67,9 +69,9 @@ class RBO(_Core):
             centre_l = {}
             for b in buckets:
                 lr, rho = b.group["lr"], b.group["rho"]
-                centre = self._buffers("centre", b.params)
+                centre = self._buffers("centre", b.sources)
                 self._lincomb(b, centre, [(1.0, b.params), (-(rho / s + lr), b.grads)])
-                self._lincomb(b, self._buffers("saved", b.params), [(1.0, b.params)])
+                self._lincomb(b, self._buffers("saved", b.sources), [(1.0, b.params)])
                 centre_l[id(b)] = loss0 + rho / s - lr * g_sq
         try:
             inner = max(g["inner_steps"] for g in self.param_groups)
@@ -85,13 +87,13 @@ class RBO(_Core):
                     for b in buckets:
                         if k >= b.group["inner_steps"]:
                             continue
-                        if any(p.grad is None for p in b.params):
+                        if any(p.grad is None for p in b.sources):
                             raise RuntimeError("RBO: the closure stopped producing a gradient "
                                                "for a parameter")
                         beta = b.group["inner_lr"]
                         self._lincomb(b, b.params, [
                             (1.0 - beta, b.params),
-                            (beta, self._buffers("centre", b.params)),
+                            (beta, self._buffers("centre", b.sources)),
                             (-beta * (lx - centre_l[id(b)]), b.grads),
                         ])
         except BaseException:

@@ -71,7 +71,7 @@ class SAM(SharpnessAware):
 
     def _will_perturb(self) -> bool:
         """Whether this call perturbs (every k-th call, counting from the first)."""
-        return self._calls % self.k == 0
+        return self._run.calls % self.k == 0
 
     def _rho(self, group: dict):
         return group["rho"]
@@ -90,9 +90,9 @@ class SAM(SharpnessAware):
         for b in buckets:
             scale = sign * self._on(self._rho(b.group), b.device) / denom.to(b.device)
             b.ops.perturb(
-                b.params, grads_of(b), self._buffers("saved", b.params), scale,
+                b.params, grads_of(b), self._buffers("saved", b.sources), scale,
                 adaptive=adaptive, eta=b.group["eta"],
-                row_means=self._row_means(b.params) if centralize else None, save=save,
+                row_means=self._row_means(b.sources) if centralize else None, save=save,
             )
 
     def _ascent(self, buckets: List[Bucket]) -> bool:

@@ -38,7 +38,7 @@ class WSAM(SAM):
                          backend=backend, **base_kwargs)
 
     def _descent(self, buckets: List[Bucket]) -> None:
-        g0 = lambda b: self._buffers("g0", b.params)
+        g0 = lambda b: self._buffers("g0", b.sources)
         clip = 1.0
         if self.max_norm is not None:
             gp_norm = self._norm(buckets, lambda b: b.grads)
@@ -50,9 +50,9 @@ class WSAM(SAM):
             self._restore_and_update(buckets)
             return
         for b in buckets:   # keep g_p (clipped), step with g
-            self._lincomb(b, self._buffers("gp", b.params), [(clip, b.grads)])
+            self._lincomb(b, self._buffers("gp", b.sources), [(clip, b.grads)])
         self._restore_and_update(buckets, directions=g0)
         for b in buckets:
             c = a * float(b.group["lr"])
             w = b.params
-            self._lincomb(b, w, [(1.0, w), (-c, self._buffers("gp", w)), (c, g0(b))])
+            self._lincomb(b, w, [(1.0, w), (-c, self._buffers("gp", b.sources)), (c, g0(b))])

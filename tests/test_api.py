@@ -119,6 +119,38 @@ def test_checkpoint_moves_between_backends():
                            opt.base_optimizer.state[p]["momentum_buffer"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moving a checkpoint needs a GPU")
+@pytest.mark.parametrize("src,dst", [("cpu", "cuda"), ("cuda", "cpu")])
+@pytest.mark.parametrize("cls,kw", [(sharpopt.SAM, dict(rho=0.05)),
+                                    (sharpopt.FriendlySAM, dict(rho=0.05))])
+def test_checkpoint_moves_between_cpu_and_gpu(src, dst, cls, kw):
+    """Saved on one device, loaded on the other (auto backend on each): the state follows
+    the parameters and training goes on as it would have on the first device."""
+    steps = data(6)
+    model = net().to(src)
+    opt = cls(model.parameters(), torch.optim.AdamW, lr=1e-2, **kw)
+    on = lambda t, dev: t.to(dev)
+    for x, y in steps[:3]:
+        opt.step(closure_for(model, on(x, src), on(y, src)))
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    for x, y in steps[3:]:
+        opt.step(closure_for(model, on(x, src), on(y, src)))
+
+    moved = net(seed=123).to(dst)
+    moved.load_state_dict(ckpt["model"])
+    opt2 = cls(moved.parameters(), torch.optim.AdamW, lr=1e-2, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    for p in moved.parameters():
+        for name, v in {**opt2.base_optimizer.state[p], **opt2.state[p]}.items():
+            if name != "step":
+                assert v.device == p.device, f"state {name} stayed on {v.device}"
+    for x, y in steps[3:]:
+        opt2.step(closure_for(moved, on(x, dst), on(y, dst)))
+    for (name, p), q in zip(model.named_parameters(), moved.parameters()):
+        torch.testing.assert_close(q.cpu(), p.cpu(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name} after moving {src}->{dst}: {m}")
+
+
 def test_state_dict_between_passes_is_refused():
     model = net()
     opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, lr=0.1)

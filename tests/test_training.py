@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sharpopt
-from conftest import FAST_BACKENDS, require_backend
+from conftest import FAST_BACKENDS, assert_close, require_backend
 
 BACKENDS = ["reference", *FAST_BACKENDS]
 
@@ -258,6 +258,133 @@ def test_compiled_model_trains(backend):
     assert_trains(opt, closure, steps=10)
 
 
+# -- the optimizer step under torch.compile and CUDA graphs ------------------------------
+COMPILED_CASES = {
+    "SAM(k=2)+SGD": lambda ps, be: sharpopt.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
+                                                momentum=0.9, k=2, backend=be,
+                                                check_finite=False),
+    "ASAM+AdamW": lambda ps, be: sharpopt.ASAM(ps, torch.optim.AdamW, lr=0.01, backend=be,
+                                              check_finite=False),
+    "GCSAM+SGD": lambda ps, be: sharpopt.GCSAM(ps, torch.optim.SGD, lr=0.1, backend=be,
+                                              check_finite=False),
+    "GSAM+SGD": lambda ps, be: sharpopt.GSAM(ps, torch.optim.SGD, lr=0.1, backend=be,
+                                            check_finite=False),
+    "WSAM+SGD": lambda ps, be: sharpopt.WSAM(ps, torch.optim.SGD, lr=0.1, max_norm=0.5,
+                                            backend=be, check_finite=False),
+    "LookSAM+SGD": lambda ps, be: sharpopt.LookSAM(ps, torch.optim.SGD, lr=0.1, k=2,
+                                                  backend=be, check_finite=False),
+    "FriendlySAM+SGD": lambda ps, be: sharpopt.FriendlySAM(ps, torch.optim.SGD, lr=0.1,
+                                                          backend=be, check_finite=False),
+}
+
+
+def _two_pass(model, x, y, first, second):
+    """One step through ``first``/``second`` (compiled or not); zero_grad stays outside,
+    since torch.optim's zero_grad is never traced."""
+    F.cross_entropy(model(x), y).backward()
+    perturbed = first()
+    model.zero_grad()
+    if perturbed:
+        F.cross_entropy(model(x), y).backward()
+        second()
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
+def test_compiled_first_and_second_step_match_eager(backend, case):
+    """``torch.compile(opt.first_step)`` / ``(opt.second_step)`` take the same steps as
+    eager calls (to rounding: a compiled torch.optim base step may order its arithmetic
+    differently) and keep the protocol's record of the perturbation (torch drops attribute
+    writes on an Optimizer inside a compiled method)."""
+    x, y = batch()
+    make = COMPILED_CASES[case]
+    model, twin = net(), net()
+    eager, opt = make(model.parameters(), backend), make(twin.parameters(), backend)
+    first = torch.compile(lambda: opt.first_step(), backend="aot_eager")
+    second = torch.compile(lambda: opt.second_step(), backend="aot_eager")
+    for step in range(4):
+        _two_pass(model, x, y, eager.first_step, eager.second_step)
+        _two_pass(twin, x, y, first, second)
+        assert opt._run.perturbed is None, f"step {step}: still marked as perturbed"
+        for i, (p, q) in enumerate(zip(twin.parameters(), model.parameters())):
+            assert_close(p.detach(), q.detach(), f"{case}, step {step}, param {i}")
+    assert opt.state_dict()["sharpopt"] == eager.state_dict()["sharpopt"]
+
+
+def test_ascent_traces_to_one_graph_without_host_sync():
+    """With ``check_finite=False`` the whole first step (norm, scale, perturbation) is one
+    graph: nothing in it reads a value back to the host, so it can be captured. The
+    inf/NaN check needs such a read, which is why it can be switched off."""
+    x, y = batch()
+    for check_finite in (False, True):
+        model = net()
+        opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="foreach",
+                           check_finite=check_finite)
+        first = torch.compile(lambda: opt.first_step(), backend="aot_eager", fullgraph=True)
+        F.cross_entropy(model(x), y).backward()
+        if check_finite:
+            with pytest.raises(Exception, match="item|graph break|Unsupported"):
+                first()
+        else:
+            assert first() is True
+            assert opt._run.perturbed is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+@pytest.mark.parametrize("base,bkw", [
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    # the step count must live on the device to advance inside a replayed graph
+    (torch.optim.AdamW, dict(lr=1e-2, capturable=True)),
+])
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda", "foreach"])
+def test_cuda_graph_replay_matches_eager_steps(gpu_backend, base, bkw):
+    """A whole SAM optimizer step (both passes, fixed gradients) captured in a CUDA graph
+    after one eager warm-up step: three replays give the weights and state of three eager
+    steps."""
+    require_backend(gpu_backend, torch.device("cuda"))
+    torch.manual_seed(0)
+    shapes = [(33, 7), (33,), (5, 3, 3, 3), (1,)]
+    g1 = [torch.randn(s, device="cuda") for s in shapes]
+    g2 = [torch.randn(s, device="cuda") for s in shapes]
+
+    def setup():
+        ps = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))
+                                 .cuda()) for i, s in enumerate(shapes)]
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        opt = sharpopt.SAM(ps, base, rho=0.1, backend=gpu_backend, check_finite=False, **bkw)
+
+        def step():
+            torch._foreach_copy_([p.grad for p in ps], g1)
+            opt.first_step()
+            torch._foreach_copy_([p.grad for p in ps], g2)
+            opt.second_step()
+        return ps, opt, step
+
+    ps, opt, step = setup()
+    ref_ps, ref_opt, ref_step = setup()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                      # allocates state and scratch, builds kernel tables
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ref_step()                      # the warm-up (capturing records the work, runs none)
+    for _ in range(3):
+        graph.replay()
+        ref_step()
+    torch.cuda.synchronize()
+    for i, (p, q) in enumerate(zip(ps, ref_ps)):
+        torch.testing.assert_close(p, q, msg=lambda m: f"param {i}: {m}")
+        state, ref_state = opt.base_optimizer.state[p], ref_opt.base_optimizer.state[q]
+        assert state.keys() == ref_state.keys()
+        for name in state:
+            torch.testing.assert_close(state[name], ref_state[name],
+                                       msg=lambda m: f"param {i}, {name}: {m}")
+
+
 # -- distributed (2 processes, gloo, CPU) ------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -344,3 +471,146 @@ def test_ddp_two_ranks_match_single_process(mode):
         for i, (p, q) in enumerate(zip(out[rank], expected)):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"rank {rank}, param {i}: {m}")
+
+
+# -- FSDP2 / DTensor-sharded parameters (2 processes, gloo, CPU) -------------------------
+class _Gained(torch.nn.Module):
+    """``net()`` times a (1, 3) gain: with 2 ranks its dim-0 shards are 1 row and 0 rows,
+    and the layers' shards are uneven (9 rows → 5 + 4, 3 → 2 + 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = net()
+        self.gain = torch.nn.Parameter(1.0 + 0.1 * torch.randn(1, 3))
+
+    def forward(self, x):
+        return self.body(x) * self.gain
+
+
+# name → (optimizer factory, whether it needs step(closure)); every rule with a global
+# reduction (norm, dot, clip), row means and its own state is here.
+SHARDED_CASES = {
+    "SAM+SGD": (lambda ps, be: sharpopt.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
+                                           momentum=0.9, backend=be), False),
+    "ASAM+AdamW": (lambda ps, be: sharpopt.ASAM(ps, torch.optim.AdamW, rho=0.5, lr=0.01,
+                                               weight_decay=0.1, backend=be), False),
+    "GCSAM+SGD": (lambda ps, be: sharpopt.GCSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
+                                               momentum=0.9, backend=be), False),
+    "GSAM+SGD": (lambda ps, be: sharpopt.GSAM(ps, torch.optim.SGD, rho=0.1, alpha=0.3,
+                                             lr=0.1, backend=be), False),
+    "WSAM+SGD": (lambda ps, be: sharpopt.WSAM(ps, torch.optim.SGD, rho=0.1, max_norm=0.5,
+                                             lr=0.1, momentum=0.9, backend=be), False),
+    "LookSAM+Adam": (lambda ps, be: sharpopt.LookSAM(ps, torch.optim.Adam, rho=0.1, k=2,
+                                                    lr=0.01, backend=be), False),
+    "FriendlySAM+SGD": (lambda ps, be: sharpopt.FriendlySAM(ps, torch.optim.SGD, rho=0.1,
+                                                           lr=0.1, backend=be), False),
+    "CRSAM+SGD": (lambda ps, be: sharpopt.CRSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
+                                               backend=be), True),
+    "RBO": (lambda ps, be: sharpopt.RBO(ps, lr=0.05, rho=0.1, inner_steps=2,
+                                       backend=be), True),
+}
+
+
+def _train_sharded_case(model, opt, xs, ys, closure_only, world, steps=3):
+    def closure():
+        loss = F.cross_entropy(model(xs), ys)
+        loss.backward()
+        # The rules that read the loss value (RBO) need the global-batch loss on every rank.
+        loss = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(loss)
+        return loss / world
+
+    for _ in range(steps):
+        if closure_only:
+            opt.step(closure)
+            continue
+        closure()
+        if opt.first_step(zero_grad=True):
+            closure()
+            opt.second_step(zero_grad=True)
+
+
+def _fsdp_worker(rank, world, port, backend, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        x, y = batch(8)
+        xs, ys = x[rank::world], y[rank::world]
+        result = {}
+        for name, (make, closure_only) in SHARDED_CASES.items():
+            model = _Gained()
+            for layer in model.body:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = make(model.parameters(), backend)
+            _train_sharded_case(model, opt, xs, ys, closure_only, world)
+            result[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+
+        # An inf in one rank's shard only: every rank must refuse the step, with the
+        # weights left as they were (a rank that went on would perturb alone).
+        model = _Gained()
+        fully_shard(model, mesh=mesh)
+        opt = SHARDED_CASES["SAM+SGD"][0](model.parameters(), backend)
+        F.cross_entropy(model(xs), ys).backward()
+        before = [p.to_local().clone() for p in model.parameters()]
+        if rank == 0:
+            next(model.parameters()).grad.to_local().view(-1)[0] = float("inf")
+        try:
+            opt.first_step()
+            result["inf"] = "stepped"
+        except FloatingPointError:
+            kept = all(torch.equal(p.to_local(), q) for p, q in zip(model.parameters(), before))
+            result["inf"] = "refused, weights kept" if kept else "refused, weights changed"
+
+        # With a ShardedGradScaler an inf on one rank, in either pass, skips the step on
+        # every rank and the scale backs off everywhere.
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        for poison in (1, 2):
+            model = _Gained()
+            fully_shard(model, mesh=mesh)
+            opt = SHARDED_CASES["SAM+SGD"][0](model.parameters(), backend)
+            scaler = ShardedGradScaler("cpu", init_scale=2.0 ** 10)
+            before = [p.to_local().clone() for p in model.parameters()]
+            for k in (1, 2):
+                scale = float("inf") if (k == poison and rank == 0) else 1.0
+                scaler.scale(F.cross_entropy(model(xs), ys) * scale).backward()
+                if k == 1 and not opt.first_step(zero_grad=True, grad_scaler=scaler):
+                    break
+            else:
+                opt.second_step(zero_grad=True, grad_scaler=scaler)
+            scaler.update()
+            kept = all(torch.equal(p.to_local(), q) for p, q in zip(model.parameters(), before))
+            result[f"scaler inf in pass {poison}"] = (kept, scaler.get_scale())
+        out[rank] = result
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_sharded_parameters_match_single_process(backend):
+    """With FSDP2 (``fully_shard``, uneven and empty shards) every rule reduces its norms
+    and dot products over the ranks, so the gathered weights equal one process stepping
+    the whole model on the global batch (with the reference backend)."""
+    require_backend(backend)
+    out = mp.Manager().dict()
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), backend, out), nprocs=2, join=True)
+    x, y = batch(8)
+    for name, (make, closure_only) in SHARDED_CASES.items():
+        model = _Gained()
+        opt = make(model.parameters(), "reference")
+        _train_sharded_case(model, opt, x, y, closure_only, world=1)
+        for rank in range(2):
+            for i, (p, q) in enumerate(zip(out[rank][name], model.parameters())):
+                torch.testing.assert_close(
+                    p, q.detach(), rtol=1e-5, atol=1e-6,
+                    msg=lambda m: f"{name}, {backend}, rank {rank}, param {i}: {m}")
+    assert [out[r]["inf"] for r in range(2)] == ["refused, weights kept"] * 2
+    for poison in (1, 2):
+        got = [out[r][f"scaler inf in pass {poison}"] for r in range(2)]
+        assert got == [(True, 2.0 ** 9)] * 2, f"inf on rank 0 in pass {poison}: {got}"

@@ -62,7 +62,10 @@ class TritonOps(Ops):
 
 def _on_tensors_device(launcher):
     """Triton launches on the current CUDA device; make it the tensors' (the first
-    argument of every pass is a list of them)."""
+    argument of every pass is a list of them).
+
+    Under ``torch.compile`` a pass runs eagerly between the compiled graphs: the address
+    tables come from ``data_ptr()`` on the host, which the tracer cannot follow."""
     @functools.wraps(launcher)
     def run(tensors, *args, **kwargs):
         if len(tensors) and tensors[0].is_cuda:
@@ -71,4 +74,11 @@ def _on_tensors_device(launcher):
                 with torch.cuda.device(device):
                     return launcher(tensors, *args, **kwargs)
         return launcher(tensors, *args, **kwargs)
-    return run
+
+    eager = torch.compiler.disable(run)
+
+    @functools.wraps(launcher)
+    def dispatch(*args, **kwargs):
+        # Only a trace goes through the disabled wrapper, so eager steps pay nothing.
+        return eager(*args, **kwargs) if torch.compiler.is_compiling() else run(*args, **kwargs)
+    return dispatch
