@@ -300,6 +300,12 @@ class _StepState:
     def __init__(self):
         self.perturbed: Optional[List[Bucket]] = None   # buckets holding w + e, if any
         self.calls = 0                                    # completed first steps (every-k)
+        self.inv_scale: Optional[Tensor] = None         # 1/loss scale folded into an ascent
+
+
+class _SkipStep(Exception):
+    """Raised by an ascent that found the (scaled) gradient norm not finite, before it
+    wrote anything: the step is skipped as a loss scaler expects."""
 
 
 class SharpnessAware(_Core):
@@ -313,6 +319,10 @@ class SharpnessAware(_Core):
 
     #: Algorithms that need more than two gradient evaluations set this.
     closure_only = False
+    #: True where the ascent reads the gradients only through ``g / ‖g‖``-like terms, so a
+    #: loss scale can be folded into it (see ``_first``); the ascent must then honour
+    #: ``self._run.inv_scale`` and raise ``_SkipStep`` on a non-finite norm.
+    _scale_free_ascent = False
 
     def __init__(self, params, base_optimizer, defaults: dict, *, backend="auto",
                  eps=1e-12, check_finite=True, **base_kwargs):
@@ -406,9 +416,10 @@ class SharpnessAware(_Core):
         steps (``k > 1``, LookSAM) finish the whole update here and return False, and so
         does a step skipped because a ``grad_scaler`` found inf/NaN gradients.
 
-        ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the loss; the gradients
-        are unscaled here (pass the same scaler to :meth:`second_step`, then call
-        ``grad_scaler.update()`` as usual).
+        ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the loss; the scale is
+        removed here (inside the norm pass for SAM/ASAM/GCSAM, by unscaling the gradients
+        for the others). Pass the same scaler to :meth:`second_step`, then call
+        ``grad_scaler.update()`` as usual.
         """
         if self.closure_only:
             raise RuntimeError(
@@ -424,12 +435,28 @@ class SharpnessAware(_Core):
                 "perturbed"
             )
         buckets = self._gather()
-        if not self._gradients_ok(buckets, grad_scaler, record=not self._will_perturb(),
-                                  when="the first pass"):
+        # With a loss scaler, an ascent that is homogeneous in g (SAM, ASAM, GCSAM) takes
+        # the scaled gradients as they are: its norm pass finds inf/NaN from the norm
+        # itself and 1/scale joins the perturbation's scale, so the separate unscale pass
+        # over every gradient (a read and a write) is not needed.
+        fold = (grad_scaler is not None and grad_scaler.is_enabled()
+                and self._scale_free_ascent and self._will_perturb())
+        if fold:
+            self._run.inv_scale = self._inv_scale(grad_scaler)
+        elif not self._gradients_ok(buckets, grad_scaler, record=not self._will_perturb(),
+                                    when="the first pass"):
             if zero_grad:
                 self.zero_grad()
             return False
-        perturbed = self._ascent(buckets)
+        try:
+            perturbed = self._ascent(buckets)
+        except _SkipStep:
+            grad_scaler.unscale_(self.base_optimizer)   # records the inf: update() backs off
+            if zero_grad:
+                self.zero_grad()
+            return False
+        finally:
+            self._run.inv_scale = None
         self._run.calls += 1
         if perturbed:
             self._run.perturbed = buckets
@@ -505,8 +532,7 @@ class SharpnessAware(_Core):
                 state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
                 found = self._total(v.reshape(()) for v in state["found_inf_per_device"].values())
                 return not bool(found.item())
-            inv = grad_scaler._scale.double().reciprocal().float()
-            if bool(self._nonfinite(buckets, inv).item()):
+            if bool(self._nonfinite(buckets, self._inv_scale(grad_scaler)).item()):
                 # The step is skipped: let the scaler see the inf so update() backs off.
                 grad_scaler.unscale_(self.base_optimizer)
                 return False
@@ -518,6 +544,12 @@ class SharpnessAware(_Core):
                 "torch.amp.GradScaler (grad_scaler=) to skip such steps, or fix the loss."
             )
         return True
+
+    @staticmethod
+    def _inv_scale(grad_scaler) -> Tensor:
+        """``1 / scale`` of a ``GradScaler`` as an fp32 device tensor (computed in fp64, as
+        the scaler's own unscale does)."""
+        return grad_scaler._scale.double().reciprocal().float()
 
     def _nonfinite(self, buckets: List[Bucket], inv_scale: Optional[Tensor]) -> Tensor:
         """Count of buckets with a non-finite gradient, over every rank that holds a shard

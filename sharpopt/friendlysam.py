@@ -25,6 +25,8 @@ __all__ = ["FriendlySAM"]
 class FriendlySAM(SAM):
     """Friendly-SAM; see the module docstring for the update rule."""
 
+    _scale_free_ascent = False   # the running mean m must see unscaled gradients
+
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, sigma=1.0, lam=0.95, *,
                  adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
         _check_positive("sigma", sigma)

@@ -18,7 +18,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, SharpnessAware, _check_positive
+from ._core import Bucket, SharpnessAware, _SkipStep, _check_positive
 
 __all__ = ["SAM", "ASAM", "GCSAM"]
 
@@ -69,6 +69,11 @@ class SAM(SharpnessAware):
         super()._check_group(group)
         _check_positive("eta", group.get("eta", 0.0))
 
+    @property
+    def _scale_free_ascent(self) -> bool:
+        # e depends on g only through g / ‖g‖ unless g is also kept for the descent.
+        return not self._keeps_gradient
+
     def _will_perturb(self) -> bool:
         """Whether this call perturbs (every k-th call, counting from the first)."""
         return self._run.calls % self.k == 0
@@ -86,9 +91,16 @@ class SAM(SharpnessAware):
         centralize = self._centralize_direction
         norm = self._norm(buckets, grads_of, adaptive=adaptive, centralize=self._centralize_norm,
                           row_means=centralize)
+        inv = self._run.inv_scale
+        if inv is not None:   # the gradients still carry a loss scale s: ‖g‖ = ‖s·g‖ / s
+            norm = norm * inv.to(norm.device)
+            if not bool(torch.isfinite(norm)):   # the one host sync, as the unscale's
+                raise _SkipStep
         denom = norm + self.eps
         for b in buckets:
             scale = sign * self._on(self._rho(b.group), b.device) / denom.to(b.device)
+            if inv is not None:
+                scale = scale * inv.to(b.device)
             b.ops.perturb(
                 b.params, grads_of(b), self._buffers("saved", b.sources), scale,
                 adaptive=adaptive, eta=b.group["eta"],

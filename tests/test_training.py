@@ -67,14 +67,27 @@ def scaled_sam_step(model, opt, scaler, x, y, poison=None):
     scaler.update()
 
 
-def test_grad_scaler_recipe_matches_unscaled_fp32_step(backend):
+# SAM, ASAM and GCSAM fold 1/scale into the ascent; GSAM and Friendly-SAM need unscaled
+# first-pass gradients (kept for the descent, or averaged into state) and unscale them.
+SCALER_CASES = {
+    "SAM": (sharpopt.SAM, dict(rho=0.1)),
+    "ASAM": (sharpopt.ASAM, dict(rho=0.5)),
+    "GCSAM": (sharpopt.GCSAM, dict(rho=0.1)),
+    "GSAM": (sharpopt.GSAM, dict(rho=0.1, alpha=0.3)),
+    "FriendlySAM": (sharpopt.FriendlySAM, dict(rho=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALER_CASES))
+def test_grad_scaler_recipe_matches_unscaled_fp32_step(backend, case):
     """The loss scale cancels: the scaled fp16-autocast step equals the same step taken
     with the autocast gradients unscaled by hand."""
     x, y = batch()
     model, ref = net(), net()
-    kw = dict(rho=0.1, lr=0.1, momentum=0.9)
-    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, backend=backend, **kw)
-    ref_opt = sharpopt.SAM(ref.parameters(), torch.optim.SGD, backend=backend, **kw)
+    cls, kw = SCALER_CASES[case]
+    kw = dict(kw, lr=0.1, momentum=0.9)
+    opt = cls(model.parameters(), torch.optim.SGD, backend=backend, **kw)
+    ref_opt = cls(ref.parameters(), torch.optim.SGD, backend=backend, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     scaled_sam_step(model, opt, scaler, x, y)
 
@@ -84,17 +97,41 @@ def test_grad_scaler_recipe_matches_unscaled_fp32_step(backend):
         loss.backward()
         return loss
     ref_opt.step(closure)
-    for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+    for i, (p, q) in enumerate(zip(model.parameters(), ref.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4,
+                                   msg=lambda m: f"{case}, param {i}: {m}")
     assert scaler.get_scale() == 2.0 ** 12
 
 
-@pytest.mark.parametrize("poison", [1, 2], ids=["inf-in-first-pass", "inf-in-second-pass"])
-def test_grad_scaler_inf_skips_whole_step_and_lowers_scale(backend, poison):
+@pytest.mark.parametrize("case", ["SAM", "GCSAM", "GSAM"])
+def test_grad_scaler_folds_into_the_ascent_without_an_unscale_pass(case, monkeypatch):
+    """Where the ascent is homogeneous in g, the first pass reads the scaled gradients
+    once (the norm pass) instead of unscaling them first; the others still unscale."""
     x, y = batch()
     model = net()
-    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, backend=backend, lr=0.1,
-                       momentum=0.9)
+    cls, kw = SCALER_CASES[case]
+    opt = cls(model.parameters(), torch.optim.SGD, backend="foreach", lr=0.1, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    calls = []
+    unscale = torch._amp_foreach_non_finite_check_and_unscale_
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_",
+                        lambda *a: calls.append(1) or unscale(*a))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x).float(), y)
+    scaler.scale(loss).backward()
+    assert opt.first_step(zero_grad=True, grad_scaler=scaler)
+    folds = case != "GSAM"
+    assert (len(calls) == 0) == folds, f"{case}: {len(calls)} unscale passes in pass 1"
+
+
+@pytest.mark.parametrize("case", ["SAM", "GCSAM", "FriendlySAM"])
+@pytest.mark.parametrize("poison", [1, 2], ids=["inf-in-first-pass", "inf-in-second-pass"])
+def test_grad_scaler_inf_skips_whole_step_and_lowers_scale(backend, poison, case):
+    x, y = batch()
+    model = net()
+    cls, kw = SCALER_CASES[case]
+    opt = cls(model.parameters(), torch.optim.SGD, backend=backend, lr=0.1, momentum=0.9,
+              **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     scaled_sam_step(model, opt, scaler, x, y)             # state exists now
     snap = snapshot(model, opt)
