@@ -43,6 +43,13 @@ def _local(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _move(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` without waiting where that is safe. A copy to the host must
+    wait: a non-blocking device-to-host copy returns before the data has arrived, and
+    host code reading it would see garbage."""
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
 def _reduce_groups(p: Tensor) -> tuple:
     """Process groups over which a sum of ``p``'s local elements must be all-reduced: one
     per mesh dimension ``p`` is sharded on (replicated dimensions hold equal copies)."""
@@ -242,7 +249,7 @@ class _Core(Optimizer):
         local, shared = [], {}
         for b, s in zip(buckets, parts):
             if b.reduce_over:
-                s = s.to(self._primary, non_blocking=True)
+                s = _move(s, self._primary)
                 prev = shared.get(b.reduce_over)
                 shared[b.reduce_over] = s if prev is None else prev + s
             else:
@@ -257,7 +264,7 @@ class _Core(Optimizer):
     def _total(self, parts: Iterable[Tensor]) -> Tensor:
         total = None
         for s in parts:
-            s = s.to(self._primary, non_blocking=True)
+            s = _move(s, self._primary)
             total = s if total is None else total + s
         if total is None:
             return torch.zeros((), dtype=torch.float32, device=self._primary)
@@ -281,7 +288,7 @@ class _Core(Optimizer):
 
     @staticmethod
     def _on(value, device: torch.device):
-        return value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+        return _move(value, device) if isinstance(value, Tensor) else value
 
     def _lincomb(self, b: Bucket, out: Sequence[Tensor], terms) -> None:
         """``out ← Σ c · x`` for ``terms = [(c, xs), ...]`` on bucket ``b``."""

@@ -348,6 +348,46 @@ def test_sparse_gradients_raise_and_leave_weights():
     assert torch.equal(emb.weight, before)
 
 
+def test_complex_parameters_raise_and_leave_weights(backend):
+    """A complex parameter (even beside real ones) is refused before anything is written."""
+    real = torch.nn.Parameter(torch.randn(4, 3))
+    cplx = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    before = [real.detach().clone(), cplx.detach().clone()]
+    opt = sharpopt.SAM([real, cplx], torch.optim.SGD, lr=0.1, backend=backend)
+    (real.sum() + cplx.abs().sum()).backward()
+    with pytest.raises(RuntimeError, match="complex"):
+        opt.first_step()
+    assert torch.equal(real, before[0]) and torch.equal(cplx, before[1])
+    assert not any(opt.base_optimizer.state.values()), "optimizer state was created"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU beside the CPU")
+def test_one_group_on_cpu_and_gpu_matches_reference_on_cpu():
+    """Parameters of one group on two devices: one bucket per device, and the norm is one
+    global norm (the sum of both devices' partial sums)."""
+    steps = data(3)
+    model, ref = net(), net()
+    model[2].cuda()
+
+    def closure_split(x, y):
+        def closure():
+            h = torch.tanh(model[0](x)).cuda()
+            loss = F.cross_entropy(model[2](h), y.cuda())
+            loss.backward()
+            return loss
+        return closure
+
+    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    ref_opt = sharpopt.SAM(ref.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
+                           backend="reference")
+    for x, y in steps:
+        opt.step(closure_split(x, y))
+        ref_opt.step(closure_for(ref, x, y))
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name} (on {p.device}): {m}")
+
+
 def test_failing_second_closure_restores_weights():
     model = net()
     before = [p.detach().clone() for p in model.parameters()]
