@@ -588,6 +588,14 @@ def _fsdp_worker(rank, world, port, backend, out):
             opt = make(model.parameters(), backend)
             _train_sharded_case(model, opt, xs, ys, closure_only, world)
             result[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+            # State shaped like the sharded parameters (so it checkpoints as they do).
+            states = list(opt.state.values())
+            if hasattr(opt, "base_optimizer"):
+                states += list(opt.base_optimizer.state.values())
+            result[name + " state"] = sorted({
+                type(v).__name__ for st in states for k, v in st.items()
+                if k != "step" and isinstance(v, torch.Tensor)})
+            opt.state_dict()
 
         # An inf in one rank's shard only: every rank must refuse the step, with the
         # weights left as they were (a rank that went on would perturb alone).
@@ -639,6 +647,10 @@ def test_fsdp2_sharded_parameters_match_single_process(backend):
     mp.spawn(_fsdp_worker, args=(2, _free_port(), backend, out), nprocs=2, join=True)
     x, y = batch(8)
     for name, (make, closure_only) in SHARDED_CASES.items():
+        stateless = name in ("GSAM+SGD", "CRSAM+SGD", "RBO")   # plain SGD, no buffers
+        for rank in range(2):
+            assert out[rank][name + " state"] == ([] if stateless else ["DTensor"]), \
+                f"{name}, rank {rank}: state entries are {out[rank][name + ' state']}"
         model = _Gained()
         opt = make(model.parameters(), "reference")
         _train_sharded_case(model, opt, x, y, closure_only, world=1)
