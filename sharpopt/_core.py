@@ -47,7 +47,7 @@ def _move(t: Tensor, device: torch.device) -> Tensor:
     """``t`` on ``device`` without waiting where that is safe. A copy to the host must
     wait: a non-blocking device-to-host copy returns before the data has arrived, and
     host code reading it would see garbage."""
-    return t.to(device, non_blocking=torch.device(device).type != "cpu")
+    return t.to(device, non_blocking=device.type != "cpu")
 
 
 def _reduce_groups(p: Tensor) -> tuple:
@@ -205,9 +205,10 @@ class _Core(Optimizer):
     def _restore(self, b: Bucket, sources: Optional[Sequence[Tensor]] = None) -> None:
         """``w ← saved`` for ``sources`` (default: all of bucket ``b``), bit for bit."""
         if sources is None:
-            b.ops.restore(b.params, self._buffers("saved", b.sources))
+            sources, params = b.sources, b.params
         else:
-            b.ops.restore([_local(p) for p in sources], self._buffers("saved", sources))
+            params = b.local(sources)
+        b.ops.restore(params, self._buffers("saved", sources))
 
     def _keep_grads(self, buckets: Sequence[Bucket], name: str) -> None:
         """Copy the current gradients into the scratch buffers ``name`` (kept for the next
@@ -239,19 +240,20 @@ class _Core(Optimizer):
         return out
 
     # -- global reductions (no host synchronisation) ------------------------------------
-    def _reduce(self, buckets: Sequence[Bucket], parts: Iterable[Tensor]) -> Tensor:
-        """``Σ parts`` (one partial sum per bucket), each summed over the ranks that hold the
-        other shards of its bucket's parameters, as a 0-dim tensor on the primary device.
+    def _reduce(self, parts: Iterable[tuple]) -> Tensor:
+        """``Σ s`` over ``parts = [(reduce_over, s), ...]`` (partial sums, e.g. one per
+        bucket), each ``s`` summed over the ranks in its ``reduce_over`` groups (the ranks
+        holding the other shards), as a 0-dim tensor on the primary device.
 
         Every rank has the same buckets in the same order (the same parameters have
         gradients), so the all-reduces below are issued identically on each of them.
         """
         local, shared = [], {}
-        for b, s in zip(buckets, parts):
-            if b.reduce_over:
+        for reduce_over, s in parts:
+            if reduce_over:
                 s = _move(s, self._primary)
-                prev = shared.get(b.reduce_over)
-                shared[b.reduce_over] = s if prev is None else prev + s
+                prev = shared.get(reduce_over)
+                shared[reduce_over] = s if prev is None else prev + s
             else:
                 local.append(s)
         for groups, s in shared.items():
@@ -274,17 +276,17 @@ class _Core(Optimizer):
               *, adaptive: bool = False, centralize: bool = False,
               row_means: bool = False) -> Tensor:
         """``‖T ⊙ C(v)‖`` over every bucket, as a 0-dim tensor on the primary device."""
-        return self._reduce(buckets, (
-            b.ops.sumsq(
+        return self._reduce(
+            (b.reduce_over, b.ops.sumsq(
                 grads_of(b), b.params, adaptive=adaptive, eta=b.group.get("eta", 0.0),
                 centralize=centralize,
                 row_means=self._row_means(b.sources) if row_means else None,
-            )
+            ))
             for b in buckets
-        )).sqrt()
+        ).sqrt()
 
     def _dot(self, buckets: Sequence[Bucket], xs_of, ys_of) -> Tensor:
-        return self._reduce(buckets, (b.ops.dot(xs_of(b), ys_of(b)) for b in buckets))
+        return self._reduce((b.reduce_over, b.ops.dot(xs_of(b), ys_of(b))) for b in buckets)
 
     @staticmethod
     def _on(value, device: torch.device):
@@ -559,16 +561,19 @@ class SharpnessAware(_Core):
         return grad_scaler._scale.double().reciprocal().float()
 
     def _nonfinite(self, buckets: List[Bucket], inv_scale: Optional[Tensor]) -> Tensor:
-        """Count of buckets with a non-finite gradient, over every rank that holds a shard
+        """Count of devices with a non-finite gradient, over every rank that holds a shard
         of them (so all ranks skip or raise together); multiplies grads by ``inv_scale``."""
-        parts = []
+        by_key: Dict[tuple, List[Tensor]] = {}
         for b in buckets:
-            found = torch.zeros(1, dtype=torch.float32, device=b.device)
-            inv = torch.ones(1, dtype=torch.float32, device=b.device) if inv_scale is None \
-                else inv_scale.to(b.device).reshape(1)
-            torch._amp_foreach_non_finite_check_and_unscale_(b.grads, found, inv)
-            parts.append(found.reshape(()))
-        return self._reduce(buckets, parts)
+            by_key.setdefault((b.device, b.reduce_over), []).extend(b.grads)
+        parts = []
+        for (device, reduce_over), grads in by_key.items():
+            found = torch.zeros(1, dtype=torch.float32, device=device)
+            inv = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None \
+                else inv_scale.to(device).reshape(1)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
+            parts.append((reduce_over, found.reshape(())))
+        return self._reduce(parts)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *, grad_scaler=None):
         """One whole step: ``closure`` (forward + backward, returns the loss) is evaluated

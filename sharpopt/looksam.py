@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive, _local
+from ._core import Bucket, _check_positive
 from .sam import SAM
 
 __all__ = ["LookSAM"]
@@ -37,15 +37,15 @@ class LookSAM(SAM):
         super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps, k=k,
                          backend=backend, **base_kwargs)
 
-    def _g_v(self, sources) -> List[torch.Tensor]:
-        """The (local shards of the) ``g_v`` state of parameters ``sources``."""
+    def _g_v(self, b: Bucket) -> List[torch.Tensor]:
+        """The (local shards of the) ``g_v`` state of bucket ``b``'s parameters."""
         out = []
-        for p in sources:
+        for p in b.sources:
             st = self.state[p]
             if "g_v" not in st:
                 st["g_v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            out.append(_local(st["g_v"]))
-        return out
+            out.append(st["g_v"])
+        return b.local(out)
 
     def _will_perturb(self) -> bool:
         """Every k-th call, and whenever a parameter has no ``g_v`` yet."""
@@ -57,10 +57,10 @@ class LookSAM(SAM):
         if self._will_perturb():
             return super()._ascent(buckets)
         g_norm = self._norm(buckets, lambda b: b.grads)
-        gv_norm = self._norm(buckets, lambda b: self._g_v(b.sources))
+        gv_norm = self._norm(buckets, self._g_v)
         coef = self.alpha * g_norm / (gv_norm + self.eps)
         for b in buckets:
-            self._lincomb(b, b.grads, [(1.0, b.grads), (coef, self._g_v(b.sources))])
+            self._lincomb(b, b.grads, [(1.0, b.grads), (coef, self._g_v(b))])
         self._restore_and_update(buckets, restore=False)
         return False
 
@@ -70,5 +70,5 @@ class LookSAM(SAM):
         g_sq = self._norm(buckets, g0).square()
         coef = -dot / (g_sq + self.eps)
         for b in buckets:
-            self._lincomb(b, self._g_v(b.sources), [(1.0, b.grads), (coef, g0(b))])
+            self._lincomb(b, self._g_v(b), [(1.0, b.grads), (coef, g0(b))])
         self._restore_and_update(buckets)
