@@ -24,8 +24,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
+from ._keywords import SortKeywords
 from .backends import resolve
 from .backends.base import Ops
 
@@ -114,9 +116,10 @@ def _check_positive(name: str, value, allow_zero: bool = True) -> None:
 class _Core(Optimizer):
     """Backend selection, bucketing, scratch buffers and global reductions."""
 
-    def __init__(self, params, defaults: dict, *, backend: str = "auto", eps: float = 1e-12):
-        _check_positive("eps", eps, allow_zero=False)
-        self.eps = float(eps)
+    def __init__(self, params, defaults: dict, *, backend: str = "auto",
+                 perturb_eps: float = 1e-12):
+        _check_positive("perturb_eps", perturb_eps, allow_zero=False)
+        self.perturb_eps = float(perturb_eps)
         self._requested_backend = backend
         self._ops: Dict[torch.device, Ops] = {}
         # Scratch buffers keyed by name, then by parameter. They hold values only between
@@ -310,6 +313,8 @@ class _StepState:
         self.perturbed: Optional[List[Bucket]] = None   # buckets holding w + e, if any
         self.calls = 0                                    # completed first steps (every-k)
         self.inv_scale: Optional[Tensor] = None         # 1/loss scale folded into an ascent
+        self.begun = 0              # first steps entered (step(closure) sees its closure's)
+        self.done_early = False     # the last first step finished (or skipped) the update
 
 
 class _SkipStep(Exception):
@@ -317,14 +322,33 @@ class _SkipStep(Exception):
     wrote anything: the step is skipped as a loss scaler expects."""
 
 
-class SharpnessAware(_Core):
+class SharpnessAware(_Core, metaclass=SortKeywords):
     """Base class of the wrappers around a ``torch.optim`` base optimizer.
 
     Subclasses implement ``_ascent(buckets)`` (perturb the weights from the current
     gradients and say whether a second pass is needed) and may override
     ``_descent(buckets)`` (turn the gradients of the second pass into the base
     optimizer's direction) — see :class:`sharpopt.SAM` for the protocol.
+
+    Keywords: the wrapper's own (``rho``, ``perturb_eps``, ``max_grad_norm``, ...) and the
+    base optimizer's (``lr``, ``eps``, ...) are sorted by name; one that both take is
+    refused until ``sam_kwargs=`` or ``base_kwargs=`` says whose it is (see
+    ``sharpopt._keywords``).
+
+    ``max_grad_norm``: the direction handed to the base optimizer, ``d``, is scaled by
+    ``min(1, max_grad_norm / (‖d‖ + 1e-6))`` first, ``‖d‖`` one global norm over every
+    parameter in the update (``torch.nn.utils.clip_grad_norm_``'s rule), after any loss
+    scale is removed.
     """
+
+    #: ``GradScaler.step(opt)`` calls ``step()`` itself even when it found inf/NaN, handing
+    #: over ``grad_scale`` and ``found_inf``: a skipped step must still put ``w`` back.
+    _step_supports_amp_scaling = True
+    _keyword_meanings = {
+        "rho": "perturbation radius", "perturb_eps": "epsilon of the perturbation norm",
+        "backend": "backend name", "check_finite": "inf/NaN check switch",
+        "max_grad_norm": "clipping norm of the descent direction",
+    }
 
     #: Algorithms that need more than two gradient evaluations set this.
     closure_only = False
@@ -334,7 +358,8 @@ class SharpnessAware(_Core):
     _scale_free_ascent = False
 
     def __init__(self, params, base_optimizer, defaults: dict, *, backend="auto",
-                 eps=1e-12, check_finite=True, **base_kwargs):
+                 perturb_eps=1e-12, check_finite=True, max_grad_norm=None, base_kwargs=None,
+                 **kwargs):
         if isinstance(base_optimizer, Optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class (e.g. torch.optim.SGD), not an "
@@ -345,13 +370,16 @@ class SharpnessAware(_Core):
             raise TypeError(f"base_optimizer must be a torch.optim class, got {base_optimizer!r}")
         if "rho" in defaults:
             _check_positive("rho", defaults["rho"])
+        if max_grad_norm is not None:
+            _check_positive("max_grad_norm", max_grad_norm, allow_zero=False)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._algo_defaults = dict(defaults)
         self._run = _StepState()
         self.check_finite = bool(check_finite)
-        super().__init__(params, defaults, backend=backend, eps=eps)
+        super().__init__(params, defaults, backend=backend, perturb_eps=perturb_eps)
         for group in self.param_groups:
             self._check_group(group)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs, **(base_kwargs or {}))
         # Share one list of groups so that LR schedulers on either object see the same lr.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -427,8 +455,8 @@ class SharpnessAware(_Core):
 
         ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the loss; the scale is
         removed here (inside the norm pass for SAM/ASAM/GCSAM, by unscaling the gradients
-        for the others). Pass the same scaler to :meth:`second_step`, then call
-        ``grad_scaler.update()`` as usual.
+        for the others). Finish with :meth:`second_step` given the same scaler, or with
+        ``grad_scaler.step(opt)``; then call ``grad_scaler.update()`` as usual.
         """
         if self.closure_only:
             raise RuntimeError(
@@ -443,6 +471,16 @@ class SharpnessAware(_Core):
                 "first_step() called twice without second_step(): the weights are already "
                 "perturbed"
             )
+        if grad_scaler is not None and grad_scaler.is_enabled() \
+                and self._unscaled_by_caller(grad_scaler) is not None:
+            raise RuntimeError(
+                "scaler.unscale_() was called on this optimizer before first_step(); the "
+                "second pass could then not be unscaled. Unscale (and clip) between the "
+                "passes, before second_step() or scaler.step(opt): that is the descent "
+                "direction"
+            )
+        self._run.begun += 1
+        self._run.done_early = False
         buckets = self._gather()
         # With a loss scaler, an ascent that is homogeneous in g (SAM, ASAM, GCSAM) takes
         # the scaled gradients as they are: its norm pass finds inf/NaN from the norm
@@ -454,6 +492,7 @@ class SharpnessAware(_Core):
             self._run.inv_scale = self._inv_scale(grad_scaler)
         elif not self._gradients_ok(buckets, grad_scaler, record=not self._will_perturb(),
                                     when="the first pass"):
+            self._run.done_early = True
             if zero_grad:
                 self.zero_grad()
             return False
@@ -461,6 +500,7 @@ class SharpnessAware(_Core):
             perturbed = self._ascent(buckets)
         except _SkipStep:
             grad_scaler.unscale_(self.base_optimizer)   # records the inf: update() backs off
+            self._run.done_early = True
             if zero_grad:
                 self.zero_grad()
             return False
@@ -469,6 +509,8 @@ class SharpnessAware(_Core):
         self._run.calls += 1
         if perturbed:
             self._run.perturbed = buckets
+        else:
+            self._run.done_early = True
         if zero_grad:
             self.zero_grad()
         return perturbed
@@ -487,7 +529,9 @@ class SharpnessAware(_Core):
             )
         self._second(zero_grad, grad_scaler)
 
-    def _second(self, zero_grad: bool, grad_scaler=None) -> None:
+    def _second(self, zero_grad: bool, grad_scaler=None, amp: Optional[tuple] = None) -> None:
+        """``amp = (grad_scale, found_inf)`` when ``GradScaler.step`` called us: it has
+        checked the gradients already, and ``grad_scale`` is None when they are unscaled."""
         if self._run.perturbed is None:
             raise RuntimeError(
                 "second_step() called without a matching first_step() (or first_step() "
@@ -497,7 +541,11 @@ class SharpnessAware(_Core):
         if any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
         try:
-            ok = self._gradients_ok(buckets, grad_scaler, record=True, when="the second pass")
+            if amp is not None:
+                ok = self._amp_ok(buckets, *amp)
+            else:
+                ok = self._gradients_ok(buckets, grad_scaler, record=True,
+                                        when="the second pass")
         except BaseException:
             self._abort()
             raise
@@ -537,8 +585,12 @@ class SharpnessAware(_Core):
         """
         if grad_scaler is not None and grad_scaler.is_enabled():
             if record:
-                grad_scaler.unscale_(self.base_optimizer)
-                state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
+                # A caller that unscaled already (to clip between the passes) must not see
+                # the gradients divided twice: its unscale_ recorded the inf check.
+                state = self._unscaled_by_caller(grad_scaler)
+                if state is None:
+                    grad_scaler.unscale_(self.base_optimizer)
+                    state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
                 found = self._total(v.reshape(()) for v in state["found_inf_per_device"].values())
                 return not bool(found.item())
             if bool(self._nonfinite(buckets, self._inv_scale(grad_scaler)).item()):
@@ -552,6 +604,27 @@ class SharpnessAware(_Core):
                 "weights and optimizer state were left as they were. Use a "
                 "torch.amp.GradScaler (grad_scaler=) to skip such steps, or fix the loss."
             )
+        return True
+
+    def _unscaled_by_caller(self, grad_scaler) -> Optional[dict]:
+        """The scaler's record for this optimizer (or its base) when ``unscale_`` was
+        already called on it in this iteration, else None."""
+        for opt in (self, self.base_optimizer):
+            state = grad_scaler._per_optimizer_states.get(id(opt))
+            if state is not None and state["stage"] is OptState.UNSCALED:
+                return state
+        return None
+
+    def _amp_ok(self, buckets: List[Bucket], grad_scale, found_inf) -> bool:
+        """``GradScaler.step``'s verdict: False (skip) when it found inf/NaN; otherwise
+        the gradients are unscaled by ``1 / grad_scale`` here unless the caller already did
+        (``grad_scale`` None). One host read, as the scaler's own skip decision."""
+        if bool(torch.as_tensor(found_inf).sum().item()):
+            return False
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            for b in buckets:
+                self._lincomb(b, b.grads, [(inv, b.grads)])
         return True
 
     @staticmethod
@@ -575,22 +648,53 @@ class SharpnessAware(_Core):
             parts.append((reduce_over, found.reshape(())))
         return self._reduce(parts)
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None, *, grad_scaler=None):
-        """One whole step: ``closure`` (forward + backward, returns the loss) is evaluated
-        at ``w`` and, when the algorithm perturbs, again at the perturbed weights.
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, **options):
+        """One whole step, or the end of one begun by :meth:`first_step`.
 
-        Gradients present before the call are discarded, so the result is the same whether
-        or not the caller already ran a backward pass. Returns the loss at ``w``. With
-        ``grad_scaler``, the closure must call ``grad_scaler.scale(loss).backward()``.
+        ``step(closure)``: ``closure`` (forward + backward, returns the loss) is evaluated
+        at ``w`` and, when the algorithm perturbs, again at the perturbed weights. Its
+        first backward adds to the gradients already there (micro-batches a trainer
+        accumulated belong to the first pass); the second pass starts from zero. If the
+        closure calls :meth:`first_step` itself (a trainer integration whose closure runs
+        both passes), ``step`` only finishes that step. Returns the loss at ``w``; the
+        gradients are cleared (None) on return.
+
+        ``step()`` with no closure after :meth:`first_step` finishes the pending step
+        exactly as :meth:`second_step` does (nothing to do when ``first_step`` returned
+        False: it applied or skipped the update itself). ``GradScaler.step(opt)`` calls it
+        so, after its inf check: a step it skips restores ``w`` (nothing is lost), and
+        ``grad_scaler.update()`` then lowers the scale. With nothing begun it raises.
+
+        ``grad_scaler=`` (keyword): the ``torch.amp.GradScaler`` whose ``scale(loss)`` the
+        closure's backward used. (It is read from ``**options`` so that
+        ``GradScaler.step`` uses its attribute protocol, not the deprecated keyword one.)
         """
+        grad_scaler = options.pop("grad_scaler", None)
+        if options:
+            raise TypeError(f"{type(self).__name__}.step() got unexpected keyword arguments "
+                            f"{sorted(options)}")
         if closure is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that runs forward and "
-                "backward and returns the loss; or call first_step()/second_step() yourself"
-            )
-        closure = torch.enable_grad()(closure)
-        self.zero_grad()
+            with torch.no_grad():
+                self._complete(grad_scaler)
+            return None
+        try:
+            return self._step_with(torch.enable_grad()(closure), grad_scaler)
+        except BaseException:
+            with torch.no_grad():
+                self._abort()      # a closure that began the step itself may have failed
+            self.zero_grad()       # the failed step's gradients must not leak into the next
+            raise
+        finally:
+            self._run.done_early = False
+
+    def _step_with(self, closure: Callable[[], Tensor], grad_scaler) -> Tensor:
+        begun = self._run.begun
         loss = closure()
+        if self._run.begun != begun:   # the closure ran first_step and the second backward
+            with torch.no_grad():
+                self._complete(grad_scaler)
+            self.zero_grad()
+            return loss
         with torch.no_grad():
             perturbed = self._first(True, grad_scaler)
         if perturbed:
@@ -601,8 +705,24 @@ class SharpnessAware(_Core):
                     self._abort()
                 raise
             with torch.no_grad():
-                self._second(False, grad_scaler)
+                self._second(True, grad_scaler)
         return loss
+
+    def _complete(self, grad_scaler) -> None:
+        """Finish the step begun by ``first_step`` (closure-less ``step()``)."""
+        amp = None
+        if "found_inf" in self.__dict__:   # set by GradScaler.step for this call only
+            amp = (self.__dict__.get("grad_scale"), self.__dict__["found_inf"])
+        if self._run.perturbed is None:
+            if self._run.done_early:
+                self._run.done_early = False
+                return
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that runs forward and "
+                "backward and returns the loss, or a step begun by first_step() to finish "
+                "(without a closure it completes that step), and none is pending"
+            )
+        self._second(False, grad_scaler, amp)
 
     def _abort(self) -> None:
         """Put the weights back when a step cannot finish (the training state is unchanged)."""
@@ -636,10 +756,13 @@ class SharpnessAware(_Core):
                             directions: Optional[Callable[[Bucket], List[Tensor]]] = None
                             ) -> None:
         """``w ← saved`` (when ``restore``) and ``Base.step(d)``; ``d`` is ``p.grad``
-        unless ``directions`` gives other tensors."""
+        unless ``directions`` gives other tensors; clipped first with ``max_grad_norm``."""
         # An LR scheduler on either object warns unless it sees an optimizer step; the
         # fused path never calls step(), so say that one happened.
         self._opt_called = self.base_optimizer._opt_called = True
+        if self.max_grad_norm is not None:
+            self._clip(buckets, directions or (lambda b: b.grads))
+            directions = None      # the clipped direction is in p.grad now
         kind = self._fusable()
         if kind is None or not all(b.ops.fuses_base_update for b in buckets):
             for b in buckets:
@@ -658,6 +781,21 @@ class SharpnessAware(_Core):
                 self._sgd(b, saved, d)
             else:
                 self._adam(b, saved, d)
+
+    def _clip(self, buckets: List[Bucket], directions: Callable[[Bucket], List[Tensor]]) -> None:
+        """``p.grad ← d · min(1, max_grad_norm / (‖d‖ + 1e-6))``, ``‖d‖`` global, as
+        ``torch.nn.utils.clip_grad_norm_`` (which also multiplies when the factor is 1).
+        ``d`` itself is left alone when it is another buffer (WSAM reads its ``g`` again).
+
+        One norm pass (read ``d``) and one scaling pass (read ``d``, write ``p.grad``), the
+        factor kept on the device. The scaling is not merged into the base update because
+        the unmerged path (``reference``, or any base optimizer other than SGD/Adam/AdamW)
+        hands ``p.grad`` to ``Base.step``, which must then see the clipped values.
+        """
+        norm = self._norm(buckets, directions)
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for b in buckets:
+            self._lincomb(b, b.grads, [(coef, directions(b))])
 
     def _sgd(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state

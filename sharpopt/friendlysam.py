@@ -26,14 +26,16 @@ class FriendlySAM(SAM):
     """Friendly-SAM; see the module docstring for the update rule."""
 
     _scale_free_ascent = False   # the running mean m must see unscaled gradients
+    _keyword_meanings = {"sigma": "weight of the subtracted running mean",
+                         "lam": "decay of the running mean of g"}
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, sigma=1.0, lam=0.95, *,
-                 adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
+                 adaptive=False, eta=0.0, perturb_eps=1e-12, backend="auto", **base_kwargs):
         _check_positive("sigma", sigma)
         if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):
             raise ValueError(f"lam must be in [0, 1], got {lam!r}")
         self.sigma, self.lam = float(sigma), float(lam)
-        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, perturb_eps=perturb_eps,
                          backend=backend, **base_kwargs)
 
     def _ascent(self, buckets: List[Bucket]) -> bool:

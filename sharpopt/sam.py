@@ -44,7 +44,7 @@ class SAM(SharpnessAware):
         rho: radius of the ascent (per group), ``>= 0``. ``rho=0`` is the base optimizer.
         adaptive: scale the ascent by ``T² = (|w| + eta)²`` (ASAM).
         eta: ASAM's offset (``0`` = the common PyTorch variant, ``0.01`` = the paper).
-        eps: added to the norm before dividing.
+        perturb_eps: added to the norm before dividing (``eps`` is the base optimizer's).
         k: run the two-pass step every ``k`` calls, a plain base step otherwise.
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"`` (``$SHARPOPT_BACKEND`` replaces ``"auto"``).
@@ -53,17 +53,21 @@ class SAM(SharpnessAware):
 
     _centralize_direction = False
     _centralize_norm = False
+    _keyword_meanings = {
+        "adaptive": "switch to ASAM's adaptive perturbation", "eta": "ASAM's offset eta",
+        "k": "period of the two-pass step",
+    }
     #: Variants whose descent needs the first pass's gradient keep it as scratch "g0".
     _keeps_gradient = False
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
-                 eta=0.0, eps=1e-12, k=1, backend="auto", **base_kwargs):
+                 eta=0.0, perturb_eps=1e-12, k=1, backend="auto", **base_kwargs):
         _check_positive("eta", eta)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         self.k = k
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive), eta=eta),
-                         backend=backend, eps=eps, **base_kwargs)
+                         backend=backend, perturb_eps=perturb_eps, **base_kwargs)
 
     def _check_group(self, group):
         super()._check_group(group)
@@ -96,7 +100,7 @@ class SAM(SharpnessAware):
             norm = norm * inv.to(norm.device)
             if not bool(torch.isfinite(norm)):   # the one host sync, as the unscale's
                 raise _SkipStep
-        denom = norm + self.eps
+        denom = norm + self.perturb_eps
         for b in buckets:
             scale = sign * self._on(self._rho(b.group), b.device) / denom.to(b.device)
             if inv is not None:
@@ -124,9 +128,9 @@ class ASAM(SAM):
     ``eta=0.01`` as in the paper (``eta=0`` gives the common wrapper's ``adaptive=True``).
     """
 
-    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.5, *, eta=0.01, eps=1e-12,
-                 k=1, backend="auto", **base_kwargs):
-        super().__init__(params, base_optimizer, rho, True, eta=eta, eps=eps, k=k,
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.5, *, eta=0.01,
+                 perturb_eps=1e-12, k=1, backend="auto", **base_kwargs):
+        super().__init__(params, base_optimizer, rho, True, eta=eta, perturb_eps=perturb_eps, k=k,
                          backend=backend, **base_kwargs)
 
 
@@ -147,13 +151,15 @@ class GCSAM(SAM):
     """
 
     _centralize_direction = True
+    _keyword_meanings = {"norm": "choice of the ascent norm ('centralized' or 'raw')"}
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
-                 norm="centralized", eta=0.0, eps=1e-12, k=1, backend="auto", **base_kwargs):
+                 norm="centralized", eta=0.0, perturb_eps=1e-12, k=1, backend="auto",
+                 **base_kwargs):
         if norm not in ("centralized", "raw"):
             raise ValueError(f"norm must be 'centralized' (the paper) or 'raw' (the authors' "
                              f"code), got {norm!r}")
         self.norm = norm
         self._centralize_norm = norm == "centralized"
-        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps, k=k,
-                         backend=backend, **base_kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta,
+                         perturb_eps=perturb_eps, k=k, backend=backend, **base_kwargs)
