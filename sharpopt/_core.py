@@ -432,6 +432,12 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
         self._run.calls = int(state_dict.get("sharpopt", {}).get("calls", 0))
 
     # -- the two-pass protocol -----------------------------------------------------------
+    @property
+    def perturbed(self) -> bool:
+        """True between a ``first_step`` that perturbed and the step's end: the model holds
+        ``w + e`` (a closure uses it to freeze BatchNorm statistics on its second call)."""
+        return self._run.perturbed is not None
+
     def _ascent(self, buckets: List[Bucket]) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 

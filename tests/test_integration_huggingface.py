@@ -22,8 +22,8 @@ class Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(),
-                                       torch.nn.Linear(9, 3))
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.BatchNorm1d(9),
+                                       torch.nn.Tanh(), torch.nn.Linear(9, 3))
 
     def forward(self, x, labels=None):
         logits = self.net(x).float()
@@ -65,7 +65,8 @@ def hand_loop(accumulate, clip, bf16):
             return acc
         total += backward_all()
         assert opt.first_step(zero_grad=True)
-        backward_all()
+        with sharpopt.freeze_bn_stats(model):
+            backward_all()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.second_step(zero_grad=True)
@@ -96,5 +97,7 @@ def test_trainer_matches_hand_written_loop(tmp_path, accumulate, clip, bf16):
         torch.testing.assert_close(p.detach(), q.detach(), **tol,
                                    msg=lambda m: f"accumulate={accumulate} clip={clip} "
                                                  f"bf16={bf16}, {name}: {m}")
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):   # BN counted once
+        torch.testing.assert_close(b, c, **tol, msg=lambda m: f"buffer {name}: {m}")
     # the loss the Trainer records is the one at w
     assert out.training_loss == pytest.approx(ref_loss, rel=1e-2 if bf16 else 1e-5)

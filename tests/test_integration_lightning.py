@@ -28,7 +28,8 @@ def data():
 
 def net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.BatchNorm1d(9), torch.nn.Tanh(),
+                               torch.nn.Linear(9, 3))
 
 
 def make_opt(params, cls):
@@ -73,7 +74,8 @@ def hand_loop(cls, accumulate, clip, autocast_dtype, scaler=None):
             return loss
         losses.append(float(backward_all()))
         if opt.first_step(zero_grad=True, grad_scaler=scaler):
-            backward_all()
+            with sharpopt.freeze_bn_stats(model):
+                backward_all()
             if clip:
                 if scaler:
                     scaler.unscale_(opt)
@@ -119,6 +121,9 @@ def test_lightning_matches_hand_written_loop(case, cls):
     for (name, p), q in zip(module.net.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), **tol,
                                    msg=lambda m: f"{case}/{cls.__name__}, {name}: {m}")
+    # BatchNorm statistics counted once per batch (the pass at w + e is frozen)
+    for (name, b), c in zip(module.net.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, **tol, msg=lambda m: f"{case}, buffer {name}: {m}")
     # the logged loss is the one at w (the last window's last micro-batch), not at w + e
     logged = float(trainer.callback_metrics["train_loss"])
     assert logged == pytest.approx(losses[-1], rel=1e-2 if dtype else 1e-6), \

@@ -3,6 +3,7 @@ closure-less second half (``step()``, ``GradScaler.step(opt)``), gradients a tra
 accumulated, and clipping of the descent direction (``max_grad_norm``)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -342,3 +343,28 @@ def test_max_grad_norm_clips_the_descent_direction(backend, case, base, bkw):
 def test_max_grad_norm_must_be_positive():
     with pytest.raises(ValueError, match="max_grad_norm must be"):
         sharpopt.SAM(net().parameters(), torch.optim.SGD, lr=0.1, max_grad_norm=0.0)
+
+
+# -- BatchNorm with step(closure) ------------------------------------------------------------
+def test_freeze_bn_stats_recipe_for_step_closure():
+    """The README's closure recipe: ``freeze_bn_stats`` on the closure's second call
+    (``opt.perturbed``) leaves the running statistics of one forward pass at ``w``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.BatchNorm1d(9),
+                                torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    plain = copy.deepcopy(model)
+    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    x, y = batch()
+    seen = []
+
+    def closure():
+        seen.append(opt.perturbed)
+        with sharpopt.freeze_bn_stats(model) if opt.perturbed else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        return loss
+    opt.step(closure)
+    plain(x)
+    assert seen == [False, True] and not opt.perturbed
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model[1], name), getattr(plain[1], name)), name

@@ -4,7 +4,8 @@ The Trainer calls ``training_step`` once per micro-batch and, after the window's
 clips (``max_grad_norm``) and calls ``optimizer.step()``. :class:`SharpnessAwareTrainer`
 keeps the window's micro-batches; on the last one (``accelerator.sync_gradients``) it
 calls ``first_step`` (with accelerate's GradScaler under fp16) and backpropagates every
-micro-batch of the window again at ``w + e``. The Trainer's own clipping then acts on
+micro-batch of the window again at ``w + e`` (BatchNorm running statistics frozen, see
+``sharpopt.freeze_bn_stats``). The Trainer's own clipping then acts on
 the second pass's gradients (unscaled first by accelerate), and its ``optimizer.step()``
 finishes the step (a sharpopt optimizer's closure-less ``step()``; ``GradScaler.step``
 under fp16, which skips an inf/NaN step with ``w`` restored). The loss it records is the
@@ -30,6 +31,7 @@ from typing import Any, List, Tuple
 from transformers import Trainer
 
 from .._core import SharpnessAware
+from ..training import freeze_bn_stats
 
 __all__ = ["SharpnessAwareTrainer"]
 
@@ -56,6 +58,7 @@ class SharpnessAwareTrainer(Trainer):
         if self.accelerator.sync_gradients:     # the window's last micro-batch
             window, self._sharpopt_window = self._sharpopt_window, []
             if sam.first_step(zero_grad=True, grad_scaler=self.accelerator.scaler):
-                for batch, n_items in window:                               # at w + e
-                    super().training_step(model, batch, n_items)
+                with freeze_bn_stats(model):
+                    for batch, n_items in window:                           # at w + e
+                        super().training_step(model, batch, n_items)
         return loss

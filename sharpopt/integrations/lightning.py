@@ -11,7 +11,8 @@ at ``w + e``, so :class:`SharpnessAwareMixin` makes the step:
 2. ``first_step`` (with the precision plugin's GradScaler under ``16-mixed``);
 3. every micro-batch of the window again at ``w + e`` (``training_step`` through the
    strategy, so autocast and the loss scale apply; divided by ``accumulate_grad_batches``
-   as Lightning divides; ``self.log`` calls muted);
+   as Lightning divides; ``self.log`` calls muted; BatchNorm running statistics left as
+   they were, see ``sharpopt.freeze_bn_stats``);
 4. Lightning's hooks and ``gradient_clip_val`` clipping (on the second pass's gradients,
    which SAM hands to the base optimizer; unscaled first under ``16-mixed``), then the
    optimizer's closure-less completion (``GradScaler.step(opt)`` under ``16-mixed``: an
@@ -52,6 +53,7 @@ except ImportError:  # the standalone package
     from pytorch_lightning.utilities import GradClipAlgorithmType
 
 from .._core import SharpnessAware
+from ..training import freeze_bn_stats
 
 __all__ = ["SharpnessAwareMixin"]
 
@@ -93,7 +95,7 @@ class SharpnessAwareMixin:
     def _sharpopt_second_pass(self, window: List[Tuple[Any, int]]) -> None:
         trainer = self.trainer
         n = trainer.accumulate_grad_batches
-        with self._sharpopt_muted_logging():
+        with self._sharpopt_muted_logging(), freeze_bn_stats(self):
             for batch, idx in window:
                 out = trainer.strategy.training_step(batch, idx)
                 loss = out.get("loss") if isinstance(out, Mapping) else out
