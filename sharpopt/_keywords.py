@@ -92,7 +92,7 @@ class SortKeywords(type):
         else:
             default = inspect.signature(cls.__init__).parameters.get("base_optimizer")
             base = kwargs.get("base_optimizer", default.default if default is not None else None)
-        base_names, base_open = _base_keywords(base) if isinstance(base, type) else (None, True)
+        base_names, base_open = _base_keywords(base) if callable(base) else (None, True)
         base_label = _base_name(base)
         short = getattr(base, "__name__", base_label)
         for name in list(kwargs):

@@ -48,7 +48,12 @@ class SAM(SharpnessAware):
         k: run the two-pass step every ``k`` calls, a plain base step otherwise.
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"`` (``$SHARPOPT_BACKEND`` replaces ``"auto"``).
-        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+        max_grad_norm: clip the direction handed to the base optimizer to this global norm
+            (``clip_grad_norm_``'s rule); None (default) does not clip.
+        check_finite: raise ``FloatingPointError`` on an inf/NaN gradient (no scaler).
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``eps``, ...).
+            A keyword both take is refused; ``sam_kwargs={...}`` / ``base_kwargs={...}``
+            say whose it is.
     """
 
     _centralize_direction = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 
 import pytest
@@ -368,3 +369,11 @@ def test_freeze_bn_stats_recipe_for_step_closure():
     assert seen == [False, True] and not opt.perturbed
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model[1], name), getattr(plain[1], name)), name
+
+
+def test_a_partial_base_optimizer_is_checked_too():
+    base = functools.partial(torch.optim.RMSprop, momentum=0.5)
+    with pytest.raises(TypeError, match="ambiguous"):
+        sharpopt.LookSAM(net().parameters(), base, lr=0.01, alpha=0.5)
+    opt = sharpopt.LookSAM(net().parameters(), base, lr=0.01, sam_kwargs={"alpha": 0.5})
+    assert opt.alpha == 0.5 and opt.param_groups[0]["momentum"] == 0.5
