@@ -69,7 +69,11 @@ class SharpnessAwareMixin:
 
     def on_train_batch_start(self, batch: Any, batch_idx: int):
         # The window's micro-batches, replayed at w + e (references to the batches only).
-        self.__dict__.setdefault("_sharpopt_window", []).append((batch, batch_idx))
+        # A window starts where Lightning zeroes the gradients (batch_idx % n == 0).
+        if self.automatic_optimization:
+            if batch_idx % self.trainer.accumulate_grad_batches == 0:
+                self.__dict__["_sharpopt_window"] = []
+            self.__dict__.setdefault("_sharpopt_window", []).append((batch, batch_idx))
         return super().on_train_batch_start(batch, batch_idx)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None):
