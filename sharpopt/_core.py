@@ -19,6 +19,7 @@ process holding the whole model.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -26,8 +27,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import resolve
-from .backends.base import Ops
+from .backends import is_forced, resolve
+from .backends.base import Ops, is_dense, layout_problem, same_layout
 
 try:
     import torch.distributed as dist
@@ -48,6 +49,22 @@ def _move(t: Tensor, device: torch.device) -> Tensor:
     wait: a non-blocking device-to-host copy returns before the data has arrived, and
     host code reading it would see garbage."""
     return t.to(device, non_blocking=device.type != "cpu")
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _relaid(st: dict, keys: Sequence[str], p: Tensor) -> None:
+    """Give the state tensors ``st[k]`` the memory layout of ``p`` where they lost it (a
+    checkpoint of a contiguous model loaded into a channels_last one, or the model moved to
+    another memory format): the fused passes walk a parameter and its state in memory order.
+    The values are kept; only the strides change."""
+    for k in keys:
+        t = st[k]
+        if t.stride() != p.stride() and not same_layout(t, p):
+            st[k] = torch.empty_like(p).copy_(t)
 
 
 def _reduce_groups(p: Tensor) -> tuple:
@@ -122,6 +139,7 @@ class _Core(Optimizer):
         # Scratch buffers keyed by name, then by parameter. They hold values only between
         # the passes of one step, so they are not part of state_dict().
         self._scratch: Dict[str, Dict[Tensor, Tensor]] = {}
+        self._warned_layout = False
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         # Resolve now so a bad or unavailable backend fails at construction, not mid-training.
@@ -164,24 +182,37 @@ class _Core(Optimizer):
 
     def _buckets(self, group: dict, params: Sequence[Tensor]) -> List[Bucket]:
         by_key: Dict[tuple, List[Tensor]] = {}
+        rows = getattr(self, "_centralize_direction", False)
         for p in params:
-            key = (p.device, p.dtype)
+            ops = self._ops_for(p.device)
+            if ops.requires_dense:
+                problem = layout_problem(_local(p), _local(p.grad), rows=rows)
+                if problem is not None:
+                    ops = self._layout_fallback(ops, p, problem)
+            key = (ops, p.device, p.dtype)
             if isinstance(p, DTensor):
                 key += (_reduce_groups(p),)
             by_key.setdefault(key, []).append(p)
-        buckets = [Bucket(self._ops_for(key[0]), ps, group, *key[2:])
-                   for key, ps in by_key.items()]
-        for b in buckets:
-            if b.ops.requires_contiguous:
-                for p, g in zip(b.params, b.grads):
-                    if not (p.is_contiguous() and g.is_contiguous()):
-                        raise ValueError(
-                            f"backend {b.ops.name!r} needs contiguous parameters and "
-                            f"gradients; one of shape {tuple(p.shape)} is not (call "
-                            ".contiguous() on it before building the optimizer, or use "
-                            "backend='foreach')"
-                        )
-        return buckets
+        return [Bucket(key[0], ps, group, *key[3:]) for key, ps in by_key.items()]
+
+    def _layout_fallback(self, ops: Ops, p: Tensor, problem: str) -> Ops:
+        """The backend for a parameter whose memory layout ``ops`` cannot index: an error
+        when the backend was asked for by name, else ``foreach`` (said once)."""
+        where = f"a parameter of shape {tuple(p.shape)} and strides {tuple(_local(p).stride())}"
+        if is_forced(self._requested_backend):
+            raise ValueError(
+                f"backend {ops.name!r} cannot run {where}: {problem}. Make it dense "
+                "(.contiguous() or .to(memory_format=torch.channels_last)) before building "
+                "the optimizer, or use backend='foreach'"
+            )
+        if not self._warned_layout:
+            self._warned_layout = True
+            warnings.warn(
+                f"sharpopt: {where} is stepped by the 'foreach' backend instead of "
+                f"{ops.name!r} ({problem}); the other parameters keep {ops.name!r}",
+                RuntimeWarning, stacklevel=4,
+            )
+        return resolve("foreach", p.device)
 
     def _gather(self) -> List[Bucket]:
         """Buckets of the parameters that have a gradient now, over all groups."""
@@ -197,8 +228,12 @@ class _Core(Optimizer):
         out = []
         for p in sources:
             buf = store.get(p)
-            if buf is None:
-                buf = store[p] = torch.empty_like(_local(p), memory_format=torch.contiguous_format)
+            local = _local(p)
+            if buf is None or buf.shape != local.shape or (
+                    buf.stride() != local.stride() and is_dense(local)):
+                # Laid out like the parameter (channels_last stays channels_last), so the
+                # fused passes can walk both in memory order; re-made if the layout changed.
+                buf = store[p] = torch.empty_like(local)
             out.append(buf)
         return out
 
@@ -310,6 +345,7 @@ class _StepState:
         self.perturbed: Optional[List[Bucket]] = None   # buckets holding w + e, if any
         self.calls = 0                                    # completed first steps (every-k)
         self.inv_scale: Optional[Tensor] = None         # 1/loss scale folded into an ascent
+        self.late: List[Bucket] = []                      # grads that appeared in pass 2
 
 
 class _SkipStep(Exception):
@@ -497,17 +533,37 @@ class SharpnessAware(_Core):
         if any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
         try:
-            ok = self._gradients_ok(buckets, grad_scaler, record=True, when="the second pass")
+            late = self._late(buckets)
+            ok = self._gradients_ok(buckets + late, grad_scaler, record=True,
+                                    when="the second pass")
         except BaseException:
             self._abort()
             raise
         if not ok:
             self._abort()
         else:
-            self._run.perturbed = None
-            self._descent(buckets)
+            self._run.perturbed, self._run.late = None, late
+            try:
+                self._descent(buckets)
+            finally:
+                self._run.late = []
         if zero_grad:
             self.zero_grad()
+
+    def _late(self, buckets: List[Bucket]) -> List[Bucket]:
+        """Buckets of the parameters that have a gradient in the second pass but had none in
+        the first (stochastic depth, a conditional branch, MoE routing). They were never
+        perturbed; like torch.optim, the update steps them on their own gradient."""
+        count = sum(len(b.sources) for b in buckets)
+        if count == sum(p.grad is not None for g in self.param_groups for p in g["params"]):
+            return []                                  # the common case: the same set
+        seen = {id(p) for b in buckets for p in b.sources}
+        late: List[Bucket] = []
+        for group in self.param_groups:
+            new = [p for p in self._with_grad(group) if id(p) not in seen]
+            if new:
+                late.extend(self._buckets(group, new))
+        return late
 
     def _restore_missing(self, buckets: List[Bucket]) -> List[Bucket]:
         """Parameters perturbed in the first pass but without a gradient in the second are
@@ -546,6 +602,12 @@ class SharpnessAware(_Core):
                 grad_scaler.unscale_(self.base_optimizer)
                 return False
             return True
+        if self.check_finite and _capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}: check_finite=True reads a flag back to the host in "
+                "each pass, which a CUDA graph capture cannot do; build the optimizer with "
+                "check_finite=False to capture its step (and check the loss yourself)"
+            )
         if self.check_finite and bool(self._nonfinite(buckets, None).item()):
             raise FloatingPointError(
                 f"{type(self).__name__}: a gradient in {when} contains inf or NaN; the "
@@ -640,8 +702,11 @@ class SharpnessAware(_Core):
         # An LR scheduler on either object warns unless it sees an optimizer step; the
         # fused path never calls step(), so say that one happened.
         self._opt_called = self.base_optimizer._opt_called = True
+        # Parameters whose gradient appeared only in the second pass take a plain step on
+        # it (see _late); base.step() below covers them by itself.
+        late, self._run.late = self._run.late, []
         kind = self._fusable()
-        if kind is None or not all(b.ops.fuses_base_update for b in buckets):
+        if kind is None or not all(b.ops.fuses_base_update for b in buckets + late):
             for b in buckets:
                 if restore:
                     self._restore(b)
@@ -651,6 +716,18 @@ class SharpnessAware(_Core):
                             g.copy_(d)
             self.base_optimizer.step()
             return
+        if kind == "adam" and _capturing():
+            # The fused Adam reads the step count on the host and bakes the bias
+            # corrections into the launch: a replayed graph would repeat step t forever.
+            if restore:
+                for b in buckets:
+                    self._restore(b)
+            raise RuntimeError(
+                f"{type(self).__name__}: the fused Adam/AdamW update cannot be captured in a "
+                "CUDA graph with capturable=False (its step count lives on the host, so every "
+                "replay would repeat the same bias correction). Pass capturable=True to the "
+                "base optimizer for CUDA-graph capture; the weights were restored to w."
+            )
         for b in buckets:
             saved = self._buffers("saved", b.sources) if restore else None
             d = directions(b) if directions is not None else b.grads
@@ -658,6 +735,8 @@ class SharpnessAware(_Core):
                 self._sgd(b, saved, d)
             else:
                 self._adam(b, saved, d)
+        for b in late:
+            (self._sgd if kind == "sgd" else self._adam)(b, None, b.grads)
 
     def _sgd(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
@@ -678,6 +757,9 @@ class SharpnessAware(_Core):
             if init:
                 for p in ps:
                     state[p]["momentum_buffer"] = torch.empty_like(p)
+            elif b.ops.requires_dense and not b.sharded:
+                for p in ps:
+                    _relaid(state[p], ("momentum_buffer",), p)
             b.ops.restore_sgd(
                 b.local(ps), None if saved is None else [saved[i] for i in idx],
                 [d[i] for i in idx], b.local([state[p]["momentum_buffer"] for p in ps]),
@@ -695,6 +777,9 @@ class SharpnessAware(_Core):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif b.ops.requires_dense and not b.sharded:
+                _relaid(st, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad
+                        else ("exp_avg", "exp_avg_sq"), p)
         steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
         # Step counts differ only when parameters joined at different times; the counters

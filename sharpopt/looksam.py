@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive
+from ._core import Bucket, _check_positive, _relaid
 from .sam import SAM
 
 __all__ = ["LookSAM"]
@@ -43,7 +43,9 @@ class LookSAM(SAM):
         for p in b.sources:
             st = self.state[p]
             if "g_v" not in st:
-                st["g_v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["g_v"] = torch.zeros_like(p)
+            else:
+                _relaid(st, ("g_v",), p)
             out.append(st["g_v"])
         return b.local(out)
 

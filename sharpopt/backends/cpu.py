@@ -33,7 +33,7 @@ def _opt(row_means: Optional[Sequence[Optional[Tensor]]]) -> List[Optional[Tenso
 class CpuOps(Ops):
     name = "cpu"
     fuses_base_update = True
-    requires_contiguous = True
+    requires_dense = True
 
     def __init__(self, ext) -> None:
         self._ext = ext
