@@ -7,6 +7,8 @@
 // number of threads.
 #include <torch/extension.h>
 
+#include "sharpopt_checks.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -250,14 +252,6 @@ void for_units(const std::vector<Unit>& units, const Fn& fn) {
 // of a parameter as one flat array, which is right for contiguous and channels_last alike
 // as long as they are laid out the same way.
 // ---------------------------------------------------------------------------------
-// Same shape and memory order (a size-1 dimension's stride moves nothing, so it may differ).
-bool same_layout(const Tensor& a, const Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
-}
-
 void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, const char* what) {
   TORCH_CHECK(ts.size() == like.size(), "sharpopt cpu: ", what, " has ", ts.size(),
               " tensors, expected ", like.size());
@@ -267,10 +261,7 @@ void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, 
                 "] must be a CPU tensor");
     TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt cpu: ", what, "[", i,
                 "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
-    TORCH_CHECK(t.is_non_overlapping_and_dense() &&
-                    (same_layout(t, like[i]) || (t.is_contiguous() && like[i].is_contiguous())),
-                "sharpopt cpu: ", what, "[", i, "] must be dense and laid out like the "
-                "parameter (strides ", t.strides(), " against ", like[i].strides(), ")");
+    sharpopt::check_layout(t, like[i], "cpu", what, i);
     TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt cpu: ", what, "[", i, "] has ",
                 t.numel(), " elements, expected ", like[i].numel());
   }
@@ -290,10 +281,7 @@ float* row_means_ptr(const std::vector<OptTensor>& rm, size_t i, const Tensor& g
   if (rm.empty() || !rm[i].has_value() || !rm[i]->defined()) return nullptr;
   const Tensor& m = *rm[i];
   TORCH_CHECK(g.dim() > 1, "sharpopt cpu: row_means[", i, "] given for a tensor with dim <= 1");
-  // Rows are reduced as consecutive blocks of memory: dim 0 must be the outermost.
-  TORCH_CHECK(g.size(0) <= 1 || g.stride(0) * g.size(0) == g.numel(), "sharpopt cpu: row ",
-              "centralisation of tensor ", i, " needs each row in one block of memory (strides ",
-              g.strides(), ")");
+  sharpopt::check_rows(g, "cpu", i);
   TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
                   m.numel() == g.size(0),
               "sharpopt cpu: row_means[", i, "] must be a contiguous fp32 CPU tensor of ",

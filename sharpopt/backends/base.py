@@ -209,7 +209,7 @@ def layout_problem(p: Tensor, g: Optional[Tensor], *, rows: bool) -> Optional[st
         return "it is not dense (a strided view or an overlapping tensor)"
     if g is not None and not same_layout(p, g):
         return f"its gradient has other strides {tuple(g.stride())}"
-    if rows and p.dim() > 1 and p.shape[0] > 1 and p.stride(0) * p.shape[0] != p.numel():
+    if rows and p.dim() > 1 and p.shape[0] > 1 and 0 < p.numel() != p.stride(0) * p.shape[0]:
         return "gradient centralisation needs each row in one block of memory (dim 0 outermost)"
     return None
 
