@@ -85,6 +85,18 @@ def _reduce_groups(p: Tensor) -> tuple:
     return tuple(groups)
 
 
+class _Sources(list):
+    """A bucket's parameters. It also keeps the lists made from them (scratch buffers by
+    name, row means), so a step reuses them instead of looking each parameter up again:
+    they are valid as long as the plan that made the bucket (see ``_Core._gather``)."""
+
+    __slots__ = ("derived",)
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.derived: Dict[str, list] = {}
+
+
 @dataclass
 class Bucket:
     """Parameters of one param group that share a device, a dtype and a sharding.
@@ -101,12 +113,24 @@ class Bucket:
     reduce_over: tuple = ()
     params: List[Tensor] = field(init=False)
     device: torch.device = field(init=False)
+    dtype: torch.dtype = field(init=False)
     sharded: bool = field(init=False)
+    #: State entries already given the parameters' layout for this plan (see _relaid).
+    laid_out: set = field(init=False, default_factory=set)
 
     def __post_init__(self):
+        if not isinstance(self.sources, _Sources):
+            self.sources = _Sources(self.sources)
         self.sharded = isinstance(self.sources[0], DTensor)
         self.params = [_local(p) for p in self.sources] if self.sharded else self.sources
         self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+
+    def current(self) -> bool:
+        """Whether the parameters are still where the bucket was made for (a model moved
+        with ``.to(device/dtype)`` keeps its Parameter objects but not their storage)."""
+        p = self.params[0]
+        return p.device == self.device and p.dtype == self.dtype
 
     @property
     def grads(self) -> List[Tensor]:
@@ -140,6 +164,7 @@ class _Core(Optimizer):
         # the passes of one step, so they are not part of state_dict().
         self._scratch: Dict[str, Dict[Tensor, Tensor]] = {}
         self._warned_layout = False
+        self._plan: Optional[tuple] = None     # (key, buckets): see _gather
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         # Resolve now so a bad or unavailable backend fails at construction, not mid-training.
@@ -215,26 +240,45 @@ class _Core(Optimizer):
         return resolve("foreach", p.device)
 
     def _gather(self) -> List[Bucket]:
-        """Buckets of the parameters that have a gradient now, over all groups."""
+        """Buckets of the parameters that have a gradient now, over all groups.
+
+        The buckets, and the lists the passes derive from them, depend only on the parameter
+        set, so they are made once and reused (the step plan) while the same parameters, in
+        the same groups, have gradients and the parameters stay on their device and dtype.
+        New gradient tensors (``zero_grad(set_to_none=True)``) keep the plan: torch gives a
+        parameter's gradient its dtype, device and shape. ``add_param_group`` and
+        ``load_state_dict`` drop it. Checking costs one look at every parameter.
+        """
+        key = [id(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        plan = self._plan
+        if plan is not None and plan[0] == key and all(b.current() for b in plan[1]):
+            return plan[1]
         buckets: List[Bucket] = []
         for group in self.param_groups:
             buckets.extend(self._buckets(group, self._with_grad(group)))
+        self._plan = (key, buckets)
         return buckets
 
     def _buffers(self, name: str, sources: Sequence[Tensor]) -> List[Tensor]:
         """Scratch tensors named ``name`` for the parameters ``sources`` (local shards for
         sharded ones), allocated once and then reused."""
+        derived = getattr(sources, "derived", None)
+        if derived is not None and name in derived:
+            return derived[name]
         store = self._scratch.setdefault(name, {})
         out = []
         for p in sources:
             buf = store.get(p)
             local = _local(p)
-            if buf is None or buf.shape != local.shape or (
+            if buf is None or buf.shape != local.shape or buf.dtype != local.dtype or (
+                    buf.device != local.device) or (
                     buf.stride() != local.stride() and is_dense(local)):
                 # Laid out like the parameter (channels_last stays channels_last), so the
                 # fused passes can walk both in memory order; re-made if the layout changed.
                 buf = store[p] = torch.empty_like(local)
             out.append(buf)
+        if derived is not None:
+            derived[name] = out
         return out
 
     def _restore(self, b: Bucket, sources: Optional[Sequence[Tensor]] = None) -> None:
@@ -253,6 +297,9 @@ class _Core(Optimizer):
 
     def _row_means(self, sources: Sequence[Tensor]) -> List[Optional[Tensor]]:
         """fp32 per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
+        derived = getattr(sources, "derived", None)
+        if derived is not None and "row_means" in derived:
+            return derived["row_means"]
         store = self._scratch.setdefault("row_means", {})
         out: List[Optional[Tensor]] = []
         for p in sources:
@@ -260,7 +307,7 @@ class _Core(Optimizer):
                 out.append(None)
                 continue
             buf = store.get(p)
-            if buf is None:
+            if buf is None or buf.device != p.device or buf.numel() != _local(p).shape[0]:
                 if isinstance(p, DTensor) and any(
                         pl.is_shard() and pl.dim != 0 for pl in p.placements):
                     raise ValueError(
@@ -272,6 +319,8 @@ class _Core(Optimizer):
                 buf = store[p] = torch.empty(local.shape[0], dtype=torch.float32,
                                              device=local.device)
             out.append(buf)
+        if derived is not None:
+            derived["row_means"] = out
         return out
 
     # -- global reductions (no host synchronisation) ------------------------------------
@@ -399,6 +448,7 @@ class SharpnessAware(_Core):
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base_optimizer"):
             return super().add_param_group(param_group)
+        self._plan = None
         group = dict(param_group)
         for key, value in self._algo_defaults.items():
             group.setdefault(key, value)
@@ -433,6 +483,7 @@ class SharpnessAware(_Core):
             )
         if self._run.perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
+        self._plan = None
         own = {k: v for k, v in state_dict.items() if k in ("state", "param_groups")}
         super().load_state_dict(own)
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
@@ -748,9 +799,18 @@ class SharpnessAware(_Core):
             return
         # Parameters that have no momentum buffer yet (first step, or a group added
         # later) take buf = d, as torch.optim.SGD does; the others the running average.
+        states = [state[p] for p in b.sources]
+        bufs = [st.get("momentum_buffer") for st in states]
+        fresh = [i for i, m in enumerate(bufs) if m is None]
+        if not fresh:                                  # every step after the first
+            if self._relayout_due(b, "momentum_buffer"):
+                for st, p in zip(states, b.sources):
+                    _relaid(st, ("momentum_buffer",), p)
+                bufs = [st["momentum_buffer"] for st in states]
+            b.ops.restore_sgd(b.params, saved, d, b.local(bufs), init_buffers=False, **kw)
+            return
         for init in (False, True):
-            idx = [i for i, p in enumerate(b.sources)
-                   if (state[p].get("momentum_buffer") is None) == init]
+            idx = [i for i, m in enumerate(bufs) if (m is None) == init]
             if not idx:
                 continue
             ps = [b.sources[i] for i in idx]
@@ -766,6 +826,16 @@ class SharpnessAware(_Core):
                 init_buffers=init, **kw,
             )
 
+    @staticmethod
+    def _relayout_due(b: Bucket, key: str) -> bool:
+        """Whether state ``key`` of bucket ``b`` must still be checked against the
+        parameters' layout (:func:`_relaid`): once per plan, for the backends that walk
+        memory; state made later is made in the parameter's layout."""
+        if not b.ops.requires_dense or b.sharded or key in b.laid_out:
+            return False
+        b.laid_out.add(key)
+        return True
+
     def _adam(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
         amsgrad = group["amsgrad"]
@@ -777,9 +847,10 @@ class SharpnessAware(_Core):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif b.ops.requires_dense and not b.sharded:
-                _relaid(st, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad
-                        else ("exp_avg", "exp_avg_sq"), p)
+        if self._relayout_due(b, "adam"):
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+            for p in b.sources:
+                _relaid(state[p], keys, p)
         steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
         # Step counts differ only when parameters joined at different times; the counters

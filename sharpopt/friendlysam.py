@@ -44,8 +44,9 @@ class FriendlySAM(SAM):
             pick = lambda xs, idx: [xs[i] for i in idx]
             g = b.grads
             if old:
-                for i in old:
-                    _relaid(self.state[b.sources[i]], ("momentum",), b.sources[i])
+                if self._relayout_due(b, "momentum"):
+                    for i in old:
+                        _relaid(self.state[b.sources[i]], ("momentum",), b.sources[i])
                 m = b.local([self.state[b.sources[i]]["momentum"] for i in old])
                 b.ops.lincomb(pick(d, old), [pick(g, old), m], [1.0, -self.sigma])
                 b.ops.lincomb(m, [m, pick(g, old)], [self.lam, 1.0 - self.lam])

@@ -40,11 +40,12 @@ class LookSAM(SAM):
     def _g_v(self, b: Bucket) -> List[torch.Tensor]:
         """The (local shards of the) ``g_v`` state of bucket ``b``'s parameters."""
         out = []
+        due = self._relayout_due(b, "g_v")
         for p in b.sources:
             st = self.state[p]
             if "g_v" not in st:
                 st["g_v"] = torch.zeros_like(p)
-            else:
+            elif due:
                 _relaid(st, ("g_v",), p)
             out.append(st["g_v"])
         return b.local(out)
