@@ -19,6 +19,7 @@ process holding the whole model.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -28,8 +29,8 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from ._keywords import SortKeywords
-from .backends import resolve
-from .backends.base import Ops
+from .backends import is_forced, resolve
+from .backends.base import Ops, is_dense, layout_problem, same_layout
 
 try:
     import torch.distributed as dist
@@ -52,6 +53,22 @@ def _move(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=device.type != "cpu")
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _relaid(st: dict, keys: Sequence[str], p: Tensor) -> None:
+    """Give the state tensors ``st[k]`` the memory layout of ``p`` where they lost it (a
+    checkpoint of a contiguous model loaded into a channels_last one, or the model moved to
+    another memory format): the fused passes walk a parameter and its state in memory order.
+    The values are kept; only the strides change."""
+    for k in keys:
+        t = st[k]
+        if t.stride() != p.stride() and not same_layout(t, p):
+            st[k] = torch.empty_like(p).copy_(t)
+
+
 def _reduce_groups(p: Tensor) -> tuple:
     """Process groups over which a sum of ``p``'s local elements must be all-reduced: one
     per mesh dimension ``p`` is sharded on (replicated dimensions hold equal copies)."""
@@ -70,6 +87,18 @@ def _reduce_groups(p: Tensor) -> tuple:
     return tuple(groups)
 
 
+class _Sources(list):
+    """A bucket's parameters. It also keeps the lists made from them (scratch buffers by
+    name, row means), so a step reuses them instead of looking each parameter up again:
+    they are valid as long as the plan that made the bucket (see ``_Core._gather``)."""
+
+    __slots__ = ("derived",)
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.derived: Dict[str, list] = {}
+
+
 @dataclass
 class Bucket:
     """Parameters of one param group that share a device, a dtype and a sharding.
@@ -86,12 +115,24 @@ class Bucket:
     reduce_over: tuple = ()
     params: List[Tensor] = field(init=False)
     device: torch.device = field(init=False)
+    dtype: torch.dtype = field(init=False)
     sharded: bool = field(init=False)
+    #: State entries already given the parameters' layout for this plan (see _relaid).
+    laid_out: set = field(init=False, default_factory=set)
 
     def __post_init__(self):
+        if not isinstance(self.sources, _Sources):
+            self.sources = _Sources(self.sources)
         self.sharded = isinstance(self.sources[0], DTensor)
         self.params = [_local(p) for p in self.sources] if self.sharded else self.sources
         self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+
+    def current(self) -> bool:
+        """Whether the parameters are still where the bucket was made for (a model moved
+        with ``.to(device/dtype)`` keeps its Parameter objects but not their storage)."""
+        p = self.params[0]
+        return p.device == self.device and p.dtype == self.dtype
 
     @property
     def grads(self) -> List[Tensor]:
@@ -125,6 +166,8 @@ class _Core(Optimizer):
         # Scratch buffers keyed by name, then by parameter. They hold values only between
         # the passes of one step, so they are not part of state_dict().
         self._scratch: Dict[str, Dict[Tensor, Tensor]] = {}
+        self._warned_layout = False
+        self._plan: Optional[tuple] = None     # (key, buckets): see _gather
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         # Resolve now so a bad or unavailable backend fails at construction, not mid-training.
@@ -167,42 +210,78 @@ class _Core(Optimizer):
 
     def _buckets(self, group: dict, params: Sequence[Tensor]) -> List[Bucket]:
         by_key: Dict[tuple, List[Tensor]] = {}
+        rows = getattr(self, "_centralize_direction", False)
         for p in params:
-            key = (p.device, p.dtype)
+            ops = self._ops_for(p.device)
+            if ops.requires_dense:
+                problem = layout_problem(_local(p), _local(p.grad), rows=rows)
+                if problem is not None:
+                    ops = self._layout_fallback(ops, p, problem)
+            key = (ops, p.device, p.dtype)
             if isinstance(p, DTensor):
                 key += (_reduce_groups(p),)
             by_key.setdefault(key, []).append(p)
-        buckets = [Bucket(self._ops_for(key[0]), ps, group, *key[2:])
-                   for key, ps in by_key.items()]
-        for b in buckets:
-            if b.ops.requires_contiguous:
-                for p, g in zip(b.params, b.grads):
-                    if not (p.is_contiguous() and g.is_contiguous()):
-                        raise ValueError(
-                            f"backend {b.ops.name!r} needs contiguous parameters and "
-                            f"gradients; one of shape {tuple(p.shape)} is not (call "
-                            ".contiguous() on it before building the optimizer, or use "
-                            "backend='foreach')"
-                        )
-        return buckets
+        return [Bucket(key[0], ps, group, *key[3:]) for key, ps in by_key.items()]
+
+    def _layout_fallback(self, ops: Ops, p: Tensor, problem: str) -> Ops:
+        """The backend for a parameter whose memory layout ``ops`` cannot index: an error
+        when the backend was asked for by name, else ``foreach`` (said once)."""
+        where = f"a parameter of shape {tuple(p.shape)} and strides {tuple(_local(p).stride())}"
+        if is_forced(self._requested_backend):
+            raise ValueError(
+                f"backend {ops.name!r} cannot run {where}: {problem}. Make it dense "
+                "(.contiguous() or .to(memory_format=torch.channels_last)) before building "
+                "the optimizer, or use backend='foreach'"
+            )
+        if not self._warned_layout:
+            self._warned_layout = True
+            warnings.warn(
+                f"sharpopt: {where} is stepped by the 'foreach' backend instead of "
+                f"{ops.name!r} ({problem}); the other parameters keep {ops.name!r}",
+                RuntimeWarning, stacklevel=4,
+            )
+        return resolve("foreach", p.device)
 
     def _gather(self) -> List[Bucket]:
-        """Buckets of the parameters that have a gradient now, over all groups."""
+        """Buckets of the parameters that have a gradient now, over all groups.
+
+        The buckets, and the lists the passes derive from them, depend only on the parameter
+        set, so they are made once and reused (the step plan) while the same parameters, in
+        the same groups, have gradients and the parameters stay on their device and dtype.
+        New gradient tensors (``zero_grad(set_to_none=True)``) keep the plan: torch gives a
+        parameter's gradient its dtype, device and shape. ``add_param_group`` and
+        ``load_state_dict`` drop it. Checking costs one look at every parameter.
+        """
+        key = [id(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        plan = self._plan
+        if plan is not None and plan[0] == key and all(b.current() for b in plan[1]):
+            return plan[1]
         buckets: List[Bucket] = []
         for group in self.param_groups:
             buckets.extend(self._buckets(group, self._with_grad(group)))
+        self._plan = (key, buckets)
         return buckets
 
     def _buffers(self, name: str, sources: Sequence[Tensor]) -> List[Tensor]:
         """Scratch tensors named ``name`` for the parameters ``sources`` (local shards for
         sharded ones), allocated once and then reused."""
+        derived = getattr(sources, "derived", None)
+        if derived is not None and name in derived:
+            return derived[name]
         store = self._scratch.setdefault(name, {})
         out = []
         for p in sources:
             buf = store.get(p)
-            if buf is None:
-                buf = store[p] = torch.empty_like(_local(p), memory_format=torch.contiguous_format)
+            local = _local(p)
+            if buf is None or buf.shape != local.shape or buf.dtype != local.dtype or (
+                    buf.device != local.device) or (
+                    buf.stride() != local.stride() and is_dense(local)):
+                # Laid out like the parameter (channels_last stays channels_last), so the
+                # fused passes can walk both in memory order; re-made if the layout changed.
+                buf = store[p] = torch.empty_like(local)
             out.append(buf)
+        if derived is not None:
+            derived[name] = out
         return out
 
     def _restore(self, b: Bucket, sources: Optional[Sequence[Tensor]] = None) -> None:
@@ -221,6 +300,9 @@ class _Core(Optimizer):
 
     def _row_means(self, sources: Sequence[Tensor]) -> List[Optional[Tensor]]:
         """fp32 per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
+        derived = getattr(sources, "derived", None)
+        if derived is not None and "row_means" in derived:
+            return derived["row_means"]
         store = self._scratch.setdefault("row_means", {})
         out: List[Optional[Tensor]] = []
         for p in sources:
@@ -228,7 +310,7 @@ class _Core(Optimizer):
                 out.append(None)
                 continue
             buf = store.get(p)
-            if buf is None:
+            if buf is None or buf.device != p.device or buf.numel() != _local(p).shape[0]:
                 if isinstance(p, DTensor) and any(
                         pl.is_shard() and pl.dim != 0 for pl in p.placements):
                     raise ValueError(
@@ -240,6 +322,8 @@ class _Core(Optimizer):
                 buf = store[p] = torch.empty(local.shape[0], dtype=torch.float32,
                                              device=local.device)
             out.append(buf)
+        if derived is not None:
+            derived["row_means"] = out
         return out
 
     # -- global reductions (no host synchronisation) ------------------------------------
@@ -315,6 +399,7 @@ class _StepState:
         self.inv_scale: Optional[Tensor] = None         # 1/loss scale folded into an ascent
         self.begun = 0              # first steps entered (step(closure) sees its closure's)
         self.done_early = False     # the last first step finished (or skipped) the update
+        self.late: List[Bucket] = []                      # grads that appeared in pass 2
 
 
 class _SkipStep(Exception):
@@ -391,6 +476,7 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base_optimizer"):
             return super().add_param_group(param_group)
+        self._plan = None
         group = dict(param_group)
         for key, value in self._algo_defaults.items():
             group.setdefault(key, value)
@@ -425,6 +511,7 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
             )
         if self._run.perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
+        self._plan = None
         own = {k: v for k, v in state_dict.items() if k in ("state", "param_groups")}
         super().load_state_dict(own)
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
@@ -547,10 +634,11 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
         if any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
         try:
+            late = self._late(buckets)
             if amp is not None:
-                ok = self._amp_ok(buckets, *amp)
+                ok = self._amp_ok(buckets + late, *amp)
             else:
-                ok = self._gradients_ok(buckets, grad_scaler, record=True,
+                ok = self._gradients_ok(buckets + late, grad_scaler, record=True,
                                         when="the second pass")
         except BaseException:
             self._abort()
@@ -558,10 +646,28 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
         if not ok:
             self._abort()
         else:
-            self._run.perturbed = None
-            self._descent(buckets)
+            self._run.perturbed, self._run.late = None, late
+            try:
+                self._descent(buckets)
+            finally:
+                self._run.late = []
         if zero_grad:
             self.zero_grad()
+
+    def _late(self, buckets: List[Bucket]) -> List[Bucket]:
+        """Buckets of the parameters that have a gradient in the second pass but had none in
+        the first (stochastic depth, a conditional branch, MoE routing). They were never
+        perturbed; like torch.optim, the update steps them on their own gradient."""
+        count = sum(len(b.sources) for b in buckets)
+        if count == sum(p.grad is not None for g in self.param_groups for p in g["params"]):
+            return []                                  # the common case: the same set
+        seen = {id(p) for b in buckets for p in b.sources}
+        late: List[Bucket] = []
+        for group in self.param_groups:
+            new = [p for p in self._with_grad(group) if id(p) not in seen]
+            if new:
+                late.extend(self._buckets(group, new))
+        return late
 
     def _restore_missing(self, buckets: List[Bucket]) -> List[Bucket]:
         """Parameters perturbed in the first pass but without a gradient in the second are
@@ -604,6 +710,12 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
                 grad_scaler.unscale_(self.base_optimizer)
                 return False
             return True
+        if self.check_finite and _capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}: check_finite=True reads a flag back to the host in "
+                "each pass, which a CUDA graph capture cannot do; build the optimizer with "
+                "check_finite=False to capture its step (and check the loss yourself)"
+            )
         if self.check_finite and bool(self._nonfinite(buckets, None).item()):
             raise FloatingPointError(
                 f"{type(self).__name__}: a gradient in {when} contains inf or NaN; the "
@@ -766,11 +878,18 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
         # An LR scheduler on either object warns unless it sees an optimizer step; the
         # fused path never calls step(), so say that one happened.
         self._opt_called = self.base_optimizer._opt_called = True
+        # Parameters whose gradient appeared only in the second pass take a plain step on
+        # it (see _late); base.step() below covers them by itself.
+        late, self._run.late = self._run.late, []
         if self.max_grad_norm is not None:
-            self._clip(buckets, directions or (lambda b: b.grads))
+            # One global norm over every direction handed to the base optimizer, the late
+            # parameters' own gradients included (clip_grad_norm_ over all of them).
+            d_of = directions or (lambda b: b.grads)
+            late_ids = {id(b) for b in late}
+            self._clip(buckets + late, lambda b: b.grads if id(b) in late_ids else d_of(b))
             directions = None      # the clipped direction is in p.grad now
         kind = self._fusable()
-        if kind is None or not all(b.ops.fuses_base_update for b in buckets):
+        if kind is None or not all(b.ops.fuses_base_update for b in buckets + late):
             for b in buckets:
                 if restore:
                     self._restore(b)
@@ -780,6 +899,18 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
                             g.copy_(d)
             self.base_optimizer.step()
             return
+        if kind == "adam" and _capturing():
+            # The fused Adam reads the step count on the host and bakes the bias
+            # corrections into the launch: a replayed graph would repeat step t forever.
+            if restore:
+                for b in buckets:
+                    self._restore(b)
+            raise RuntimeError(
+                f"{type(self).__name__}: the fused Adam/AdamW update cannot be captured in a "
+                "CUDA graph with capturable=False (its step count lives on the host, so every "
+                "replay would repeat the same bias correction). Pass capturable=True to the "
+                "base optimizer for CUDA-graph capture; the weights were restored to w."
+            )
         for b in buckets:
             saved = self._buffers("saved", b.sources) if restore else None
             d = directions(b) if directions is not None else b.grads
@@ -787,6 +918,8 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
                 self._sgd(b, saved, d)
             else:
                 self._adam(b, saved, d)
+        for b in late:
+            (self._sgd if kind == "sgd" else self._adam)(b, None, b.grads)
 
     def _clip(self, buckets: List[Bucket], directions: Callable[[Bucket], List[Tensor]]) -> None:
         """``p.grad ← d · min(1, max_grad_norm / (‖d‖ + 1e-6))``, ``‖d‖`` global, as
@@ -813,20 +946,42 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
             return
         # Parameters that have no momentum buffer yet (first step, or a group added
         # later) take buf = d, as torch.optim.SGD does; the others the running average.
+        states = [state[p] for p in b.sources]
+        bufs = [st.get("momentum_buffer") for st in states]
+        fresh = [i for i, m in enumerate(bufs) if m is None]
+        if not fresh:                                  # every step after the first
+            if self._relayout_due(b, "momentum_buffer"):
+                for st, p in zip(states, b.sources):
+                    _relaid(st, ("momentum_buffer",), p)
+                bufs = [st["momentum_buffer"] for st in states]
+            b.ops.restore_sgd(b.params, saved, d, b.local(bufs), init_buffers=False, **kw)
+            return
         for init in (False, True):
-            idx = [i for i, p in enumerate(b.sources)
-                   if (state[p].get("momentum_buffer") is None) == init]
+            idx = [i for i, m in enumerate(bufs) if (m is None) == init]
             if not idx:
                 continue
             ps = [b.sources[i] for i in idx]
             if init:
                 for p in ps:
                     state[p]["momentum_buffer"] = torch.empty_like(p)
+            elif b.ops.requires_dense and not b.sharded:
+                for p in ps:
+                    _relaid(state[p], ("momentum_buffer",), p)
             b.ops.restore_sgd(
                 b.local(ps), None if saved is None else [saved[i] for i in idx],
                 [d[i] for i in idx], b.local([state[p]["momentum_buffer"] for p in ps]),
                 init_buffers=init, **kw,
             )
+
+    @staticmethod
+    def _relayout_due(b: Bucket, key: str) -> bool:
+        """Whether state ``key`` of bucket ``b`` must still be checked against the
+        parameters' layout (:func:`_relaid`): once per plan, for the backends that walk
+        memory; state made later is made in the parameter's layout."""
+        if not b.ops.requires_dense or b.sharded or key in b.laid_out:
+            return False
+        b.laid_out.add(key)
+        return True
 
     def _adam(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
@@ -839,6 +994,10 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self._relayout_due(b, "adam"):
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+            for p in b.sources:
+                _relaid(state[p], keys, p)
         steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
         # Step counts differ only when parameters joined at different times; the counters

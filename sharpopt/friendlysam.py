@@ -16,7 +16,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive, _local
+from ._core import Bucket, _check_positive, _local, _relaid
 from .sam import SAM
 
 __all__ = ["FriendlySAM"]
@@ -46,6 +46,9 @@ class FriendlySAM(SAM):
             pick = lambda xs, idx: [xs[i] for i in idx]
             g = b.grads
             if old:
+                if self._relayout_due(b, "momentum"):
+                    for i in old:
+                        _relaid(self.state[b.sources[i]], ("momentum",), b.sources[i])
                 m = b.local([self.state[b.sources[i]]["momentum"] for i in old])
                 b.ops.lincomb(pick(d, old), [pick(g, old), m], [1.0, -self.sigma])
                 b.ops.lincomb(m, [m, pick(g, old)], [self.lam, 1.0 - self.lam])
@@ -54,7 +57,7 @@ class FriendlySAM(SAM):
                 for i in new:
                     # Shaped like the parameter (a DTensor for a sharded one), so that the
                     # state checkpoints the way the base optimizer's does.
-                    m = torch.empty_like(b.sources[i], memory_format=torch.contiguous_format)
+                    m = torch.empty_like(b.sources[i])
                     _local(m).copy_(g[i])
                     self.state[b.sources[i]]["momentum"] = m
         self._perturb(buckets, grads_of=lambda b: self._buffers("d", b.sources))

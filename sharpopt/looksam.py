@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive
+from ._core import Bucket, _check_positive, _relaid
 from .sam import SAM
 
 __all__ = ["LookSAM"]
@@ -44,10 +44,13 @@ class LookSAM(SAM):
     def _g_v(self, b: Bucket) -> List[torch.Tensor]:
         """The (local shards of the) ``g_v`` state of bucket ``b``'s parameters."""
         out = []
+        due = self._relayout_due(b, "g_v")
         for p in b.sources:
             st = self.state[p]
             if "g_v" not in st:
-                st["g_v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["g_v"] = torch.zeros_like(p)
+            elif due:
+                _relaid(st, ("g_v",), p)
             out.append(st["g_v"])
         return b.local(out)
 

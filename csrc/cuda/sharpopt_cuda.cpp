@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/sharpopt_cuda.h"
+#include "sharpopt_checks.h"
 
 namespace {
 
@@ -40,7 +41,7 @@ void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, 
                 what, "[", i, "] must be on ", like[0].device());
     TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt cuda: ", what, "[", i,
                 "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "sharpopt cuda: ", what, "[", i, "] must be contiguous");
+    sharpopt::check_layout(t, like[i], "cuda", what, i);
     TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt cuda: ", what, "[", i, "] has ",
                 t.numel(), " elements, expected ", like[i].numel());
   }
@@ -64,6 +65,7 @@ float* row_means_ptr(const std::vector<OptTensor>& rm, size_t i, const Tensor& g
   if (rm.empty() || !rm[i].has_value() || !rm[i]->defined()) return nullptr;
   const Tensor& m = *rm[i];
   TORCH_CHECK(g.dim() > 1, "sharpopt cuda: row_means[", i, "] given for a tensor with dim <= 1");
+  sharpopt::check_rows(g, "cuda", i);
   TORCH_CHECK(m.device() == g.device() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
                   m.numel() == g.size(0),
               "sharpopt cuda: row_means[", i, "] must be a contiguous fp32 tensor of ", g.size(0),
