@@ -64,6 +64,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype=
     )
 
 
+#: Every backend, the reference included.
+ALL_BACKENDS = ["reference", *FAST_BACKENDS]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """Each backend in turn, ``reference`` included (skipped where it cannot run, a failure
+    where it is required)."""
+    require_backend(request.param)
+    return request.param
+
+
 @pytest.fixture(params=FAST_BACKENDS)
 def fast_backend(request):
     require_backend(request.param)

@@ -10,15 +10,7 @@ import torch.nn.functional as F
 
 import sharpopt
 from sharpopt.backends import BackendUnavailable
-from conftest import FAST_BACKENDS, require_backend
 
-BACKENDS = ["reference", *FAST_BACKENDS]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    require_backend(request.param)
-    return request.param
 
 
 def net(seed=0):

@@ -192,7 +192,7 @@ def test_two_pass_api_matches_reference(fast_backend):
         compare(step, ref_model, model, ref_opt, opt, dtype)
 
 
-class _LateBranch(torch.nn.Module):
+class LateBranch(torch.nn.Module):
     """A trunk used by every forward and a branch used only when ``use_branch`` is set, so
     the branch's parameters get a gradient in the second pass of a step and not the first
     (stochastic depth, conditional branches, MoE routing)."""
@@ -221,7 +221,7 @@ def test_gradient_only_in_second_pass_is_stepped(fast_backend, algo, base):
     paths used to skip it."""
     cls, kwargs = ALGORITHMS[algo]
     base_cls, base_kwargs = BASES[base]
-    ref_model = _LateBranch()
+    ref_model = LateBranch()
     model = copy.deepcopy(ref_model)
     ref_opt = cls(ref_model.parameters(), base_cls, backend="reference", **kwargs, **base_kwargs)
     opt = cls(model.parameters(), base_cls, backend=fast_backend, **kwargs, **base_kwargs)
@@ -236,5 +236,5 @@ def test_gradient_only_in_second_pass_is_stepped(fast_backend, algo, base):
                 F.cross_entropy(m(x), y).backward()
                 o.second_step(zero_grad=True)
         compare(step, ref_model, model, ref_opt, opt, torch.float32)
-    assert not torch.equal(model.branch.weight, _LateBranch().branch.weight), \
+    assert not torch.equal(model.branch.weight, LateBranch().branch.weight), \
         "the branch was never stepped"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sharpopt
-from conftest import FAST_BACKENDS, require_backend
+from conftest import require_backend
 from test_backends import ALGORITHMS, batches, closure_for, compare
 
 CL = torch.channels_last

@@ -15,30 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import sharpopt
-from test_backends import compare
+from test_backends import LateBranch as Net, compare
 
 BASES = {
     "SGD-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
     "AdamW": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
 }
-
-
-class Net(torch.nn.Module):
-    """A trunk, a branch whose use is switched per call, and a head (odd sizes)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = torch.nn.Linear(5, 7)
-        self.branch = torch.nn.Linear(7, 7)
-        self.head = torch.nn.Linear(7, 3)
-        self.use_branch = True
-
-    def forward(self, x):
-        h = torch.tanh(self.trunk(x))
-        if self.use_branch:
-            h = h + torch.tanh(self.branch(h))
-        return self.head(h)
 
 
 def data(n, seed=2):
@@ -59,6 +41,7 @@ def two_pass(model, opt, x, y, branch=(True, True)):
 def pair(fast_backend, base, cls=sharpopt.SAM, **kw):
     base_cls, base_kw = BASES[base]
     ref_model = Net()
+    ref_model.use_branch = True
     model = copy.deepcopy(ref_model)
     ref = cls(ref_model.parameters(), base_cls, backend="reference", rho=0.05, **kw, **base_kw)
     opt = cls(model.parameters(), base_cls, backend=fast_backend, rho=0.05, **kw, **base_kw)

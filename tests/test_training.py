@@ -12,15 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sharpopt
-from conftest import FAST_BACKENDS, assert_close, require_backend
+from conftest import ALL_BACKENDS, assert_close, require_backend
 
-BACKENDS = ["reference", *FAST_BACKENDS]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    require_backend(request.param)
-    return request.param
 
 
 def net(seed=0, bn=False):
@@ -679,7 +672,7 @@ def _fsdp_worker(rank, world, port, backend, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_fsdp2_sharded_parameters_match_single_process(backend):
     """With FSDP2 (``fully_shard``, uneven and empty shards) every rule reduces its norms
     and dot products over the ranks, so the gathered weights equal one process stepping
