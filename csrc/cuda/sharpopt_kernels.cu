@@ -537,4 +537,154 @@ cudaError_t restore_adam(DType dt, int n, void* const* params, const void* const
   });
 }
 
+// --- MSAM: move back from w~, base update, and the momentum's sum of squares ------------
+// One pass: each element is moved back (w = w~ + back * m, with the old m), updated by
+// sgd_elem / adam_elem, stored, and the square of the stored momentum is added to this
+// block's partial; finish_kernel adds the partials in order, as for sumsq.
+namespace {
+
+struct MsamSgdOp {  // streams: 0 w, 1 g, 2 buf; the norm is of stream 2
+  static constexpr int D = 3;
+  static constexpr int kNorm = 2;
+  SgdArgs<double> a;
+  DevScalar back;
+  bool has_back;
+  template <class A> struct Ready { SgdArgs<A> a; A back; bool has_back; };
+  template <class A> __device__ Ready<A> prepare() const {
+    return {{A(a.lr), A(a.weight_decay), A(a.momentum), A(a.one_minus_dampening), A(a.grad_sign),
+             a.has_momentum, a.nesterov, a.init},
+            has_back ? read_scalar<A>(back) : A(0), has_back};
+  }
+  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D]) {
+    A w = x[0];
+    if (r.has_back) w = msam_back_elem(w, x[2], r.back);
+    sgd_elem(w, x[2], x[1], r.a);
+    x[0] = w;
+  }
+};
+
+struct MsamAdamOp {  // streams: 0 w, 1 g, 2 m, 3 v, 4 vmax; the norm is of stream 2
+  static constexpr int D = 5;
+  static constexpr int kNorm = 2;
+  AdamArgs<double> a;
+  DevScalar back;
+  bool has_back;
+  template <class A> struct Ready { AdamArgs<A> a; A back; bool has_back; };
+  template <class A> __device__ Ready<A> prepare() const {
+    return {{A(a.grad_sign), A(a.decay), A(a.weight_decay), A(a.one_minus_beta1), A(a.beta2),
+             A(a.one_minus_beta2), A(a.bc2_sqrt), A(a.eps), A(a.step_size), a.decoupled, a.amsgrad},
+            has_back ? read_scalar<A>(back) : A(0), has_back};
+  }
+  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D]) {
+    A w = x[0];
+    if (r.has_back) w = msam_back_elem(w, x[2], r.back);
+    adam_elem(w, x[2], x[3], x[4], x[1], r.a);
+    x[0] = w;
+  }
+};
+
+template <class R, class Op>
+__global__ void __launch_bounds__(kThreads)
+update_sumsq_kernel(Table<Op::D> tab, int load_mask, int store_mask, Op op, double* partials) {
+  constexpr int D = Op::D;
+  constexpr int V = 16 / sizeof(R);
+  using A = acc_t<R>;
+  const int t = tab.tensor[blockIdx.x];
+  const int64_t begin = int64_t(tab.unit[blockIdx.x]) * kChunk;
+  const int64_t end = min(tab.numel[t], begin + kChunk);
+  const auto ready = op.template prepare<A>();
+
+  R* p[D];
+  bool vec = true;
+  for (int k = 0; k < D; ++k) {
+    p[k] = static_cast<R*>(tab.ptr[k][t]);
+    if (((load_mask | store_mask) >> k) & 1) vec = vec && aligned16(p[k]);
+  }
+  A acc = A(0);
+  int64_t tail = begin;
+  if (vec) {
+    const int64_t nvec = (end - begin) / V;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      const int64_t i = begin + j * V;
+      Pack<R, V> pk[D];
+#pragma unroll
+      for (int k = 0; k < D; ++k)
+        if ((load_mask >> k) & 1) pk[k] = *reinterpret_cast<const Pack<R, V>*>(p[k] + i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        A x[D];
+#pragma unroll
+        for (int k = 0; k < D; ++k) x[k] = ((load_mask >> k) & 1) ? to_acc(pk[k].v[e]) : A(0);
+        Op::apply(ready, x);
+#pragma unroll
+        for (int k = 0; k < D; ++k)
+          if ((store_mask >> k) & 1) pk[k].v[e] = from_acc<R>(x[k]);
+        const A m = to_acc(pk[Op::kNorm].v[e]);  // the stored (rounded) momentum
+        acc += m * m;
+      }
+#pragma unroll
+      for (int k = 0; k < D; ++k)
+        if ((store_mask >> k) & 1) *reinterpret_cast<Pack<R, V>*>(p[k] + i) = pk[k];
+    }
+    tail = begin + nvec * V;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
+    A x[D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) x[k] = ((load_mask >> k) & 1) ? to_acc(p[k][i]) : A(0);
+    Op::apply(ready, x);
+#pragma unroll
+    for (int k = 0; k < D; ++k)
+      if ((store_mask >> k) & 1) p[k][i] = from_acc<R>(x[k]);
+    const A m = to_acc(from_acc<R>(x[Op::kNorm]));
+    acc += m * m;
+  }
+  const double total = block_sum(double(acc));
+  if (threadIdx.x == 0) partials[tab.unit_base + blockIdx.x] = total;
+}
+
+template <class R, class Op>
+void run_update_sumsq(DType dt, int n, const void* const* const (&lists)[Op::D],
+                      const int64_t* numel, int load_mask, int store_mask, const Op& op,
+                      double* workspace, void* out, cudaStream_t stream) {
+  const int64_t units = for_tables<Op::D>(
+      n, lists, numel, nullptr, nullptr, false, 0, all, [&](const Table<Op::D>& tab, int nb) {
+        update_sumsq_kernel<R, Op><<<nb, kThreads, 0, stream>>>(tab, load_mask, store_mask, op, workspace);
+      });
+  const bool f64 = dt == DType::kFloat64;
+  finish_kernel<<<1, kThreads, 0, stream>>>(workspace, units, f64 ? nullptr : static_cast<float*>(out),
+                                            f64 ? static_cast<double*>(out) : nullptr);
+}
+
+}  // namespace
+
+cudaError_t msam_sgd(DType dt, int n, void* const* params, const void* const* grads,
+                     void* const* bufs, const int64_t* numel, const SgdArgs<double>& args,
+                     DevScalar back, bool has_back, double* workspace, void* out,
+                     cudaStream_t stream) {
+  if (!args.has_momentum || (has_back && args.init)) return cudaErrorInvalidValue;
+  return dispatch(dt, [&](auto zero) {
+    using R = decltype(zero);
+    const void* const* lists[3] = {params, grads, bufs};
+    const int load = 0b011 | (args.init ? 0 : 0b100);
+    run_update_sumsq<R>(dt, n, lists, numel, load, 0b101, MsamSgdOp{args, back, has_back},
+                        workspace, out, stream);
+  });
+}
+
+cudaError_t msam_adam(DType dt, int n, void* const* params, const void* const* grads,
+                      void* const* exp_avgs, void* const* exp_avg_sqs, void* const* vmax,
+                      const int64_t* numel, const AdamArgs<double>& args, DevScalar back,
+                      bool has_back, double* workspace, void* out, cudaStream_t stream) {
+  return dispatch(dt, [&](auto zero) {
+    using R = decltype(zero);
+    const bool ams = args.amsgrad;
+    const void* const* lists[5] = {params, grads, exp_avgs, exp_avg_sqs, ams ? vmax : nullptr};
+    const int load = 0b01111 | (ams ? 0b10000 : 0);
+    const int store = 0b01101 | (ams ? 0b10000 : 0);
+    run_update_sumsq<R>(dt, n, lists, numel, load, store, MsamAdamOp{args, back, has_back},
+                        workspace, out, stream);
+  });
+}
+
 }  // namespace sharpopt_cuda
