@@ -12,6 +12,7 @@ from .gsam import GSAM
 from .looksam import LookSAM
 from .msam import MSAM
 from .rbo import RBO
+from . import schedules
 from .sam import ASAM, GCSAM, SAM
 from .training import freeze_bn_stats
 from .wsam import WSAM
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM", "ASAM", "GCSAM", "GSAM", "WSAM", "CRSAM", "RBO", "LookSAM", "FriendlySAM", "MSAM",
-    "BackendUnavailable", "available_backends", "freeze_bn_stats",
+    "BackendUnavailable", "available_backends", "freeze_bn_stats", "schedules",
 ]
