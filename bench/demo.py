@@ -11,17 +11,24 @@ Fixed split: 70 % train / 30 % test, stratified, ``random_state=0``; features sc
 the training statistics. Each optimizer trains from the same initialisation for a given
 seed (the seed also drives the batch order); test accuracy is reported as mean ± std over
 the seeds, with the training time per epoch (forward, backward and step) and the time
-spent in the optimizer step alone. A second table times the step alone with each sharpopt
+spent in the optimizer step alone. The cost columns say what each method costs end to end:
+the epoch time relative to SGD's, the share of the epoch spent inside the optimizer's calls,
+and the fraction of steps that ran SAM's second forward/backward. A second table times the step alone with each sharpopt
 backend and with the plain for-loop wrapper, on the trained model's real parameters
 (two real gradient sets handed over as in ``python -m bench``).
 
 Base optimizer of every SAM variant: SGD, momentum 0.9, weight decay 5e-4, the same lr as
 the SGD baseline, cosine schedule; rho as in the papers (SAM, GCSAM, GSAM, Friendly-SAM
-0.05; ASAM 0.5 with eta 0.01).
+0.05; ASAM 0.5 with eta 0.01). The cheaper variants: SAM every 3rd step (``sam-k3``),
+LookSAM (k = 5, alpha = 0.7), SAM on a random half of the steps (``sam-random``, RST / SS-SAM),
+AE-SAM's adaptive policy (``sam-adaptive``, the paper's defaults over the run), SAM in the last
+half of the run only (``sam-late``), and MSAM (rho = 0.3, one gradient per step, evaluated at
+``w`` through ``at_w()``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -37,11 +44,24 @@ import sharpopt
 from . import providers as P
 from .workloads import ParamSet
 
-OPTIMIZERS = ["sgd", "adam", "sam", "asam", "gcsam", "gsam", "friendlysam"]
+OPTIMIZERS = ["sgd", "adam", "sam", "asam", "gcsam", "gsam", "friendlysam", "sam-k3", "looksam",
+              "sam-random", "sam-adaptive", "sam-late", "msam"]
 SAM_KW = {"sam": dict(rho=0.05), "asam": dict(rho=0.5, eta=0.01), "gcsam": dict(rho=0.05),
           "gsam": dict(rho=0.05, alpha=0.4), "friendlysam": dict(rho=0.05, sigma=1.0, lam=0.95)}
 SAM_CLS = {"sam": sharpopt.SAM, "asam": sharpopt.ASAM, "gcsam": sharpopt.GCSAM,
            "gsam": sharpopt.GSAM, "friendlysam": sharpopt.FriendlySAM}
+# The cheaper variants: (class, keyword arguments given the run's total number of steps).
+CHEAP = {
+    "sam-k3": (sharpopt.SAM, lambda n: dict(rho=0.05, k=3)),
+    "looksam": (sharpopt.LookSAM, lambda n: dict(rho=0.05, k=5, alpha=0.7)),
+    "sam-random": (sharpopt.SAM, lambda n: dict(rho=0.05,
+                                                schedule=sharpopt.schedules.Random(0.5, seed=0))),
+    "sam-adaptive": (sharpopt.SAM, lambda n: dict(rho=0.05,
+                                                  schedule=sharpopt.schedules.Adaptive(steps=n))),
+    "sam-late": (sharpopt.SAM, lambda n: dict(rho=0.05,
+                                              schedule=sharpopt.schedules.LatePhase(n // 2))),
+}
+MSAM_KW = dict(rho=0.3)
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
@@ -73,11 +93,16 @@ def model_for(name: str) -> nn.Module:
                          nn.Linear(32, 2))
 
 
-def make_optimizer(name: str, params, backend: str = "auto"):
+def make_optimizer(name: str, params, backend: str = "auto", total_steps: int = 1):
     if name == "sgd":
         return torch.optim.SGD(params, **SGD_KW)
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-3)
+    if name == "msam":
+        return sharpopt.MSAM(params, torch.optim.SGD, backend=backend, **MSAM_KW, **SGD_KW)
+    if name in CHEAP:
+        cls, kw = CHEAP[name]
+        return cls(params, torch.optim.SGD, backend=backend, **kw(total_steps), **SGD_KW)
     return SAM_CLS[name](params, torch.optim.SGD, backend=backend, **SAM_KW[name], **SGD_KW)
 
 
@@ -85,13 +110,14 @@ def train(dataset, data, opt_name: str, seed: int, epochs: int, batch: int) -> d
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = model_for(dataset)
-    opt = make_optimizer(opt_name, model.parameters())
+    n_steps = epochs * ((len(xtr) + batch - 1) // batch)
+    opt = make_optimizer(opt_name, model.parameters(), total_steps=n_steps)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt.base_optimizer if hasattr(opt, "base_optimizer") else opt, T_max=epochs)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
-    two_pass = opt_name in SAM_CLS
-    step_s, epoch_s = 0.0, []
+    two_pass = opt_name in SAM_CLS or opt_name in CHEAP
+    step_s, epoch_s, sam_steps = 0.0, [], 0
     for _ in range(epochs):
         model.train()
         t_epoch = time.perf_counter()
@@ -103,6 +129,7 @@ def train(dataset, data, opt_name: str, seed: int, epochs: int, batch: int) -> d
                 again = opt.first_step(zero_grad=True)
                 step_s += time.perf_counter() - t0
                 if again:
+                    sam_steps += 1
                     loss_fn(model(x), y).backward()
                     t0 = time.perf_counter()
                     opt.second_step(zero_grad=True)
@@ -115,10 +142,11 @@ def train(dataset, data, opt_name: str, seed: int, epochs: int, batch: int) -> d
         sched.step()
         epoch_s.append(time.perf_counter() - t_epoch)
     model.eval()
-    with torch.no_grad():
+    at_w = opt.at_w() if hasattr(opt, "at_w") else contextlib.nullcontext()
+    with torch.no_grad(), at_w:     # MSAM's model holds w~ between steps; evaluate at w
         acc = (model(xte).argmax(1) == yte).float().mean().item()
-    n_steps = epochs * ((len(xtr) + batch - 1) // batch)
     return {"acc": acc, "epoch_s": statistics.median(epoch_s), "step_ms": step_s / n_steps * 1e3,
+            "opt_share": step_s / sum(epoch_s), "sam_frac": sam_steps / n_steps,
             "backend": getattr(opt, "backend", "torch")}
 
 
@@ -187,17 +215,27 @@ def main(argv=None) -> int:
         data = load(ds)
         print(f"\n== {ds}: {len(data[0])} train / {len(data[2])} test, {epochs[ds]} epochs, "
               f"{sum(p.numel() for p in model_for(ds).parameters())} parameters", flush=True)
-        print(f"{'optimizer':<12} {'test acc % (mean ± std)':>24} {'s/epoch':>8} "
-              f"{'step ms':>8}  backend")
+        print(f"{'optimizer':<13} {'test acc % (mean ± std)':>24} {'s/epoch':>8} "
+              f"{'x SGD':>6} {'opt %':>6} {'SAM %':>6} {'step ms':>8}  backend")
         res = {}
+        sgd_epoch = None
+        if "sgd" in opts:   # the cost column's unit, measured first
+            opts = ["sgd"] + [o for o in opts if o != "sgd"]
         for name in opts:
             runs = [train(ds, data, name, s, epochs[ds], args.batch) for s in range(seeds)]
             accs = [100 * r["acc"] for r in runs]
-            res[name] = {"acc": accs, "epoch_s": [r["epoch_s"] for r in runs],
-                         "step_ms": [r["step_ms"] for r in runs], "backend": runs[0]["backend"]}
+            res[name] = {key: [r[key] for r in runs]
+                         for key in ("epoch_s", "step_ms", "opt_share", "sam_frac")}
+            res[name].update(acc=accs, backend=runs[0]["backend"])
+            epoch = statistics.median(res[name]["epoch_s"])
+            if name == "sgd":
+                sgd_epoch = epoch
+            rel = epoch / sgd_epoch if sgd_epoch else float("nan")
+            res[name]["epoch_vs_sgd"] = rel
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            print(f"{name:<12} {statistics.mean(accs):>15.2f} ± {sd:5.2f} "
-                  f"{statistics.median(res[name]['epoch_s']):>8.3f} "
+            print(f"{name:<13} {statistics.mean(accs):>15.2f} ± {sd:5.2f} {epoch:>8.3f} "
+                  f"{rel:>6.2f} {100 * statistics.median(res[name]['opt_share']):>6.1f} "
+                  f"{100 * statistics.median(res[name]['sam_frac']):>6.1f} "
                   f"{statistics.median(res[name]['step_ms']):>8.3f}  {runs[0]['backend']}", flush=True)
         record["results"][ds] = res
         algos = [o for o in opts if o in SAM_CLS]

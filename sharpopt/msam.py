@@ -27,10 +27,13 @@ the SPEC's "~24 B" would need the new norm before the update pass has produced t
 ``m``, which exact arithmetic does not allow. There is no weight copy and no second
 forward/backward.
 
-The move back and forth is not bit-exact: ``(w − s·m) + s·m`` rounds. The round trip
-adds at most about one ulp of ``w`` per step, as one more rounded add in the update does;
-``python -m bench.msam_drift`` measures it over a long run (the numbers are in the
-docstring of :class:`MSAM`).
+The move back and forth is not bit-exact: ``(w − s·m) + s·m`` rounds, about one more
+rounded add per step. ``python -m bench.msam_drift`` isolates it (gradients that do not
+depend on ``w`` and no weight decay, so exact MSAM and SGD share ``w``): after 10,000 steps on
+20,000 fp32 weights the round trip had moved ``w`` by 1.4e-7 of its rms, against 2.2e-6 for
+plain fp32 SGD's own rounding (its distance to an fp64 run), and MSAM's distance to fp64 was
+2.235e-6 against SGD's 2.233e-6; with bf16 weights, 0.12 against 0.32
+(``bench/results/msam_drift.json``). The drift is far below the precision the run has anyway.
 """
 from __future__ import annotations
 
@@ -91,9 +94,8 @@ class MSAM(SharpnessAware):
     Saved inside :meth:`at_w`, the model holds ``w`` and the state says so: the resumed
     run's first step takes its gradient at ``w`` (no move back), then goes on as usual.
 
-    Drift of the move back and forth (fp32, ``python -m bench.msam_drift``): see
-    ``bench/results/msam_drift.json``; the round trip costs about as much as one more
-    rounding per step, far below the size of the updates themselves.
+    Drift of the move back and forth: measured by ``python -m bench.msam_drift`` (see the
+    module docstring): in fp32 about 1/15 of plain SGD's own rounding error over 10,000 steps.
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.3, *, perturb_eps=1e-12,
@@ -137,13 +139,16 @@ class MSAM(SharpnessAware):
     @torch.no_grad()
     def step(self, closure=None):
         """One MSAM step from the gradients in ``p.grad`` (taken at ``w~``, where the model
-        is). ``closure`` (forward + backward, returns the loss), when given, is evaluated
-        first, at ``w~``; its loss is returned."""
+        is). ``closure`` (forward + backward, returns the loss), when given, replaces them:
+        the gradients are zeroed, the closure runs at ``w~``, and its loss is returned (the
+        same convention as :meth:`SharpnessAware.step`). ``GradScaler.step(opt)`` works as
+        with any torch optimizer (it unscales through the shared ``param_groups``)."""
         if self._msam.at_w:
             raise RuntimeError("MSAM.step() called inside at_w(): the model holds w there, "
                                "but the gradient must be taken at w~; step after the block")
         loss = None
         if closure is not None:
+            self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
         buckets = self._gather()

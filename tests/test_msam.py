@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sharpopt
 from conftest import FAST_BACKENDS, assert_close, require_backend
@@ -302,3 +303,41 @@ def test_pass_against_its_composition(fast_backend, kind, dtype):
         assert got.dtype == expect.dtype, f"norm dtype {got.dtype} != {expect.dtype}"
         torch.testing.assert_close(got, expect, rtol=1e-5 if dtype != torch.float64 else 1e-12,
                                    atol=0, msg=lambda s: f"back={back}, sum of squares: {s}")
+
+
+def test_nonfinite_gradient_is_refused_before_anything_is_written():
+    dtype = torch.float32
+    model = make_model(dtype)
+    opt = msam(model, "SGD-nesterov-wd", "cpu" if "cpu" in FAST_BACKENDS else "foreach")
+    data = batches(dtype, 2)
+    _run(model, opt, data[:1])
+    before = [p.detach().clone() for p in model.parameters()]
+    m_before = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    closure_for(model, *data[1])()
+    next(model.parameters()).grad[0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    for i, p in enumerate(model.parameters()):
+        assert torch.equal(p, before[i]), f"param {i} was written"
+        assert torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], m_before[i])
+
+
+def test_grad_scaler_step_matches_the_unscaled_run():
+    """GradScaler.step(opt): unscaled through the shared param_groups, then MSAM's step; a
+    power-of-two scale makes it the same run as without a scaler, bit for bit."""
+    dtype = torch.float32
+    data = batches(dtype, 4)
+    a, b = make_model(dtype), make_model(dtype)
+    oa, ob = msam(a, "AdamW-amsgrad", "reference"), msam(b, "AdamW-amsgrad", "reference")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for x, y in data:
+        oa.zero_grad()
+        closure_for(a, x, y)()
+        oa.step()
+        ob.zero_grad()
+        scaler.scale(F.cross_entropy(b(x), y)).backward()
+        scaler.step(ob)
+        scaler.update()
+    for i, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
+        assert torch.equal(p, q), f"param {i}: {(p - q).abs().max()}"
