@@ -11,12 +11,15 @@ parameter, accesses × element size (fp32 shown):
 The momentum's norm rides on the fused pass. ``%triad`` is the byte model's GB/s (from the
 best sample) over the triad bandwidth measured in the same run.
 
-    python -m bench.bench_msam [--workloads resnet50] [--dtypes fp32] [--repeats 10]
+    python -m bench.bench_msam [--workloads resnet50] [--dtypes fp32] [--repeats 10] [--out F]
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import statistics
+import sys
 import time
 from typing import Callable, List
 
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="write the rows as JSON to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +109,16 @@ def main(argv=None) -> int:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w!r}; choose from {list(WORKLOADS)}")
     dtypes = {d: DTYPES[d] for d in args.dtypes.split(",")}
-    msam_table(device, workloads, dtypes, bw["triad"]["best_gbs"], args.repeats)
+    rows = msam_table(device, workloads, dtypes, bw["triad"]["best_gbs"], args.repeats)
+    if args.out:
+        from .report import machine_info
+        record = {"date": _dt.datetime.now().isoformat(timespec="seconds"),
+                  "command": "python -m bench.bench_msam "
+                             + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "machine": machine_info(device), "bandwidth": bw, "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
     return 0
 
 

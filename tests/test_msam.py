@@ -341,3 +341,41 @@ def test_grad_scaler_step_matches_the_unscaled_run():
         scaler.update()
     for i, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
         assert torch.equal(p, q), f"param {i}: {(p - q).abs().max()}"
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_pass_scalar_as_tensor_and_split_launches(fast_backend, kind, monkeypatch):
+    """The move-back scale given as a 0-dim device tensor gives the same bits as the float;
+    for triton, also when the plan is split over several launches (a tensor's chunks in two
+    launches, partial sums at their global index)."""
+    from sharpopt.backends import _load
+    if fast_backend == "foreach":
+        pytest.skip("foreach composes torch ops: a tensor and a float coefficient take "
+                    "different kernels (alpha= vs a multiply), so only tolerances apply")
+    ops = _load(fast_backend)
+    sizes = [5 * 128 + 3, 7, 0, 123, 1, 2048 + 16]
+    runs = []
+    for variant in ("float", "tensor", "split"):
+        if variant == "split":
+            if fast_backend != "triton":
+                continue
+            from sharpopt.kernels import tables
+            monkeypatch.setattr(tables, "MAX_TENSORS", 2)
+            monkeypatch.setattr(tables, "MAX_BLOCKS", 3)
+        back = 0.37 if variant == "float" else torch.tensor(0.37)
+        w, g, m, v = (_lists(torch.float32, sizes, s) for s in range(4))
+        v = [x.abs() for x in v]
+        if kind == "sgd":
+            norm = ops.msam_sgd(w, g, m, back, lr=0.1, weight_decay=1e-2, momentum=0.9,
+                                dampening=0.0, nesterov=False, maximize=False, init_buffers=False)
+        else:
+            norm = ops.msam_adam(w, g, m, v, [], back, step=2, lr=1e-2, beta1=0.9, beta2=0.99,
+                                 eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=False,
+                                 maximize=True)
+        runs.append((variant, norm, w, m, v))
+    _, norm0, w0, m0, v0 = runs[0]
+    for variant, norm, w, m, v in runs[1:]:
+        assert torch.equal(norm, norm0), f"{variant}: norm {norm.item()!r} != {norm0.item()!r}"
+        for name, xs, ys in (("w", w, w0), ("m", m, m0), ("v", v, v0)):
+            for i, (a, b) in enumerate(zip(xs, ys)):
+                assert torch.equal(a, b), f"{variant}: {name}[{i}] differs"
