@@ -12,8 +12,11 @@ the training statistics. Each optimizer trains from the same initialisation for 
 seed (the seed also drives the batch order); test accuracy is reported as mean ± std over
 the seeds, with the training time per epoch (forward, backward and step) and the time
 spent in the optimizer step alone. The cost columns say what each method costs end to end:
-the epoch time relative to SGD's, the share of the epoch spent inside the optimizer's calls,
-and the fraction of steps that ran SAM's second forward/backward. A second table times the step alone with each sharpopt
+the epoch time relative to SGD's (the optimizers of a seed train side by side, one epoch
+each in turn, and ``x SGD`` is the median over seeds and epochs of the ratio to SGD's epoch of
+the same seed and index, so that load from other processes falls on all of them alike), the
+share of the epoch spent inside the optimizer's calls, and the fraction of steps that ran
+SAM's second forward/backward. A second table times the step alone with each sharpopt
 backend and with the plain for-loop wrapper, on the trained model's real parameters
 (two real gradient sets handed over as in ``python -m bench``).
 
@@ -106,48 +109,71 @@ def make_optimizer(name: str, params, backend: str = "auto", total_steps: int = 
     return SAM_CLS[name](params, torch.optim.SGD, backend=backend, **SAM_KW[name], **SGD_KW)
 
 
-def train(dataset, data, opt_name: str, seed: int, epochs: int, batch: int) -> dict:
-    xtr, ytr, xte, yte = data
-    torch.manual_seed(seed)
-    model = model_for(dataset)
-    n_steps = epochs * ((len(xtr) + batch - 1) // batch)
-    opt = make_optimizer(opt_name, model.parameters(), total_steps=n_steps)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt.base_optimizer if hasattr(opt, "base_optimizer") else opt, T_max=epochs)
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(seed)
-    two_pass = opt_name in SAM_CLS or opt_name in CHEAP
-    step_s, epoch_s, sam_steps = 0.0, [], 0
-    for _ in range(epochs):
+class Run:
+    """One optimizer training one model of one seed, an epoch at a time."""
+
+    def __init__(self, dataset, data, opt_name: str, seed: int, epochs: int, batch: int):
+        self.data, self.batch, self.epochs = data, batch, epochs
+        xtr = data[0]
+        torch.manual_seed(seed)
+        self.model = model_for(dataset)
+        self.n_steps = epochs * ((len(xtr) + batch - 1) // batch)
+        self.opt = make_optimizer(opt_name, self.model.parameters(), total_steps=self.n_steps)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            getattr(self.opt, "base_optimizer", self.opt), T_max=epochs)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.two_pass = opt_name in SAM_CLS or opt_name in CHEAP
+        self.step_s, self.epoch_s, self.sam_steps = 0.0, [], 0
+
+    def epoch(self) -> None:
+        xtr, ytr = self.data[0], self.data[1]
+        model, opt, loss_fn = self.model, self.opt, self.loss_fn
         model.train()
         t_epoch = time.perf_counter()
-        for idx in torch.randperm(len(xtr), generator=gen).split(batch):
+        for idx in torch.randperm(len(xtr), generator=self.gen).split(self.batch):
             x, y = xtr[idx], ytr[idx]
             loss_fn(model(x), y).backward()
-            if two_pass:
+            if self.two_pass:
                 t0 = time.perf_counter()
                 again = opt.first_step(zero_grad=True)
-                step_s += time.perf_counter() - t0
+                self.step_s += time.perf_counter() - t0
                 if again:
-                    sam_steps += 1
+                    self.sam_steps += 1
                     loss_fn(model(x), y).backward()
                     t0 = time.perf_counter()
                     opt.second_step(zero_grad=True)
-                    step_s += time.perf_counter() - t0
+                    self.step_s += time.perf_counter() - t0
             else:
                 t0 = time.perf_counter()
                 opt.step()
-                step_s += time.perf_counter() - t0
+                self.step_s += time.perf_counter() - t0
                 opt.zero_grad()
-        sched.step()
-        epoch_s.append(time.perf_counter() - t_epoch)
-    model.eval()
-    at_w = opt.at_w() if hasattr(opt, "at_w") else contextlib.nullcontext()
-    with torch.no_grad(), at_w:     # MSAM's model holds w~ between steps; evaluate at w
-        acc = (model(xte).argmax(1) == yte).float().mean().item()
-    return {"acc": acc, "epoch_s": statistics.median(epoch_s), "step_ms": step_s / n_steps * 1e3,
-            "opt_share": step_s / sum(epoch_s), "sam_frac": sam_steps / n_steps,
-            "backend": getattr(opt, "backend", "torch")}
+        self.sched.step()
+        self.epoch_s.append(time.perf_counter() - t_epoch)
+
+    def result(self) -> dict:
+        xte, yte = self.data[2], self.data[3]
+        self.model.eval()
+        at_w = self.opt.at_w() if hasattr(self.opt, "at_w") else contextlib.nullcontext()
+        with torch.no_grad(), at_w:     # MSAM's model holds w~ between steps; evaluate at w
+            acc = (self.model(xte).argmax(1) == yte).float().mean().item()
+        return {"acc": acc, "epoch_s": statistics.median(self.epoch_s),
+                "epoch_times": list(self.epoch_s), "step_ms": self.step_s / self.n_steps * 1e3,
+                "opt_share": self.step_s / sum(self.epoch_s),
+                "sam_frac": self.sam_steps / self.n_steps,
+                "backend": getattr(self.opt, "backend", "torch")}
+
+
+def train_interleaved(dataset, data, names, seed: int, epochs: int, batch: int) -> dict:
+    """Every optimizer of ``names`` on seed ``seed``, epoch by epoch in turn (the order
+    rotated every epoch), so that load from other processes falls on all of them alike."""
+    runs = {name: Run(dataset, data, name, seed, epochs, batch) for name in names}
+    order = list(names)
+    for e in range(epochs):
+        for name in order[e % len(order):] + order[:e % len(order)]:
+            runs[name].epoch()
+    return {name: run.result() for name, run in runs.items()}
 
 
 def step_times(dataset, data, algos, repeats: int, batch: int) -> dict:
@@ -218,19 +244,23 @@ def main(argv=None) -> int:
         print(f"{'optimizer':<13} {'test acc % (mean ± std)':>24} {'s/epoch':>8} "
               f"{'x SGD':>6} {'opt %':>6} {'SAM %':>6} {'step ms':>8}  backend")
         res = {}
-        sgd_epoch = None
-        if "sgd" in opts:   # the cost column's unit, measured first
-            opts = ["sgd"] + [o for o in opts if o != "sgd"]
+        per_seed = [train_interleaved(ds, data, opts, s, epochs[ds], args.batch)
+                    for s in range(seeds)]
         for name in opts:
-            runs = [train(ds, data, name, s, epochs[ds], args.batch) for s in range(seeds)]
+            runs = [r[name] for r in per_seed]
             accs = [100 * r["acc"] for r in runs]
             res[name] = {key: [r[key] for r in runs]
-                         for key in ("epoch_s", "step_ms", "opt_share", "sam_frac")}
+                         for key in ("epoch_s", "epoch_times", "step_ms", "opt_share",
+                                     "sam_frac")}
             res[name].update(acc=accs, backend=runs[0]["backend"])
             epoch = statistics.median(res[name]["epoch_s"])
-            if name == "sgd":
-                sgd_epoch = epoch
-            rel = epoch / sgd_epoch if sgd_epoch else float("nan")
+            # Relative cost: the median over every (seed, epoch) of this optimizer's epoch
+            # time over SGD's epoch of the same seed and index, run moments apart.
+            rel = float("nan")
+            if "sgd" in opts:
+                rel = statistics.median(
+                    t / t_sgd for r, r_sgd in zip(runs, [x["sgd"] for x in per_seed])
+                    for t, t_sgd in zip(r["epoch_times"], r_sgd["epoch_times"]))
             res[name]["epoch_vs_sgd"] = rel
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
             print(f"{name:<13} {statistics.mean(accs):>15.2f} ± {sd:5.2f} {epoch:>8.3f} "
