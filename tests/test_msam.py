@@ -379,3 +379,41 @@ def test_pass_scalar_as_tensor_and_split_launches(fast_backend, kind, monkeypatc
         for name, xs, ys in (("w", w, w0), ("m", m, m0), ("v", v, v0)):
             for i, (a, b) in enumerate(zip(xs, ys)):
                 assert torch.equal(a, b), f"{variant}: {name}[{i}] differs"
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_per_group_rho_with_one_global_norm(backend):
+    """rho per param group scales one global ‖m‖ (over both groups); rho = 0 leaves its group
+    at w. Checked against the rule written out with torch.optim.SGD."""
+    require_backend(backend)
+    dtype = torch.float32 if backend != "reference" else torch.float64
+    model, plain = make_model(dtype), make_model(dtype)
+    rhos = (0.3, 0.0)
+
+    def groups(m):
+        ps = list(m.parameters())
+        return [{"params": ps[:3], "rho": rhos[0]}, {"params": ps[3:], "rho": rhos[1]}]
+
+    opt = sharpopt.MSAM(groups(model), torch.optim.SGD, lr=0.05, momentum=0.9, backend=backend)
+    base = torch.optim.SGD([{"params": g["params"]} for g in groups(plain)], lr=0.05, momentum=0.9)
+    scale = None
+    for step, (x, y) in enumerate(batches(dtype, 4)):
+        opt.zero_grad()
+        closure_for(model, x, y)()
+        opt.step()
+        base.zero_grad()
+        closure_for(plain, x, y)()
+        with torch.no_grad():
+            if scale is not None:
+                for g, r in zip(base.param_groups, rhos):
+                    for p in g["params"]:
+                        p.add_(base.state[p]["momentum_buffer"] * (r * scale))
+            base.step()
+            ps = list(plain.parameters())
+            norm = torch.stack([base.state[p]["momentum_buffer"].square().sum() for p in ps])
+            scale = 1.0 / (norm.sum().sqrt() + 1e-12)
+            for g, r in zip(base.param_groups, rhos):
+                for p in g["params"]:
+                    p.sub_(base.state[p]["momentum_buffer"] * (r * scale))
+        for i, (p, q) in enumerate(zip(model.parameters(), plain.parameters())):
+            assert_close(p.detach(), q.detach(), f"step {step}, param {i} (group {int(i >= 3)})")
