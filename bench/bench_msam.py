@@ -90,8 +90,8 @@ def msam_table(device: torch.device, workloads, dtypes, triad_gbs: float, repeat
     rows = []
     probe = _Triad(device)
     probe.best_gbs = triad_gbs
-    log(f"\nMSAM step (one gradient per step; byte model: SGD 32 B, AdamW 40 B per fp32 "
-        f"parameter; torch.optim alone: 20 / 28 B); %triad against the best triad of the run")
+    log("\nMSAM step (one gradient per step; byte model: SGD 32 B, AdamW 40 B per fp32 "
+        "parameter; torch.optim alone: 20 / 28 B); %triad against the best triad of the run")
     log(f"{'workload':<10} {'dtype':<5} {'base':<6} {'provider':<16} {'best ms':>8} "
         f"{'median':>8} {'GB/s':>7}")
     for w in workloads:

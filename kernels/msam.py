@@ -10,7 +10,7 @@ norm riding on the same pass.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import triton

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -50,12 +50,14 @@ __all__ = ["MSAM"]
 
 
 class _MsamState:
-    """Where the model stands between steps: ``back[p]`` is the 0-dim scale ``s`` of the
-    parameters that hold ``w~ = w − s · m`` (``s = rho / (‖m‖ + eps)``); ``at_w`` is true
-    inside :meth:`MSAM.at_w`. A plain object, for the reason given in ``_core._StepState``."""
+    """Where the model stands between steps: ``back[id(p)] = (p, s)`` for the parameters
+    that hold ``w~ = w − s · m`` (``s = rho / (‖m‖ + eps)``, a 0-dim tensor); ``at_w`` is true
+    inside :meth:`MSAM.at_w`. Keyed by ``id``: a tensor's own hash is a Python call, and the
+    step looks every parameter up. A plain object, for the reason given in
+    ``_core._StepState``."""
 
     def __init__(self):
-        self.back: Dict[Tensor, Tensor] = {}
+        self.back: Dict[int, Tuple[Tensor, Tensor]] = {}
         self.at_w = False
 
 
@@ -182,21 +184,21 @@ class MSAM(SharpnessAware):
         and stay there (torch.optim skips them; the new norm is over the updated ones)."""
         if not self._msam.back:
             return
-        stepped = {p for b in buckets for p in b.sources}
-        left = [p for p in self._msam.back if p not in stepped]
+        stepped = {id(p) for b in buckets for p in b.sources}
+        left = [p for k, (p, _) in self._msam.back.items() if k not in stepped]
         if not left:
             return
         for b in self._buckets_of(left):
             self._move(b, +1)
             for p in b.sources:
-                del self._msam.back[p]
+                del self._msam.back[id(p)]
 
     def _buckets_of(self, params: List[Tensor]) -> List[Bucket]:
         """Buckets (per group, device, dtype, sharding) of ``params``."""
-        wanted = set(params)
+        wanted = set(map(id, params))
         out: List[Bucket] = []
         for group in self.param_groups:
-            ps = [p for p in group["params"] if p in wanted]
+            ps = [p for p in group["params"] if id(p) in wanted]
             if ps:
                 out.extend(self._buckets_unchecked(group, ps))
         return out
@@ -216,9 +218,9 @@ class MSAM(SharpnessAware):
         """``w ← w + sign · s · m`` for the parameters of ``b`` that hold ``w~``, per scale."""
         by_scale: Dict[int, tuple] = {}
         for p in b.sources:
-            s = self._msam.back.get(p)
-            if s is not None:
-                by_scale.setdefault(id(s), (s, []))[1].append(p)
+            entry = self._msam.back.get(id(p))
+            if entry is not None:
+                by_scale.setdefault(id(entry[1]), (entry[1], []))[1].append(p)
         state = self.base_optimizer.state
         for s, ps in by_scale.values():
             coef = self._on(s if sign > 0 else -s, b.device)
@@ -243,17 +245,24 @@ class MSAM(SharpnessAware):
             s = scales[key]
             coef = self._on(-s, b.device)
             b.ops.lincomb(b.params, [b.params, self._momentum(b)], [1.0, coef])
-            for p in b.sources:
-                self._msam.back[p] = s
+            self._msam.back.update({id(p): (p, s) for p in b.sources})
 
     # -- the fused pass --------------------------------------------------------------------
     def _split(self, b: Bucket, init: Optional[List[int]] = None):
         """Index lists of ``b``'s parameters that share a move back (a scale or None)."""
+        get = self._msam.back.get
+        entries = [get(id(p)) for p in b.sources]
+        if entries and not init:
+            # The common case: every parameter moved back by the same scale, or none is.
+            s0 = None if entries[0] is None else entries[0][1]
+            if (all(e is None for e in entries) if s0 is None
+                    else all(e is not None and e[1] is s0 for e in entries)):
+                return [(s0, list(range(len(entries))))]
         out: Dict[int, tuple] = {}
-        for i, p in enumerate(b.sources):
-            if init is not None and i in init:
+        for i, e in enumerate(entries):
+            if init and i in init:
                 continue
-            s = self._msam.back.get(p)
+            s = None if e is None else e[1]
             out.setdefault(id(s) if s is not None else 0, (s, []))[1].append(i)
         return list(out.values())
 
@@ -332,7 +341,7 @@ class MSAM(SharpnessAware):
         tensor per perturbed parameter, freed at exit). Do not change the weights inside."""
         if self._msam.at_w:
             raise RuntimeError("MSAM.at_w() is already active (it does not nest)")
-        params = list(self._msam.back)
+        params = [p for p, _ in self._msam.back.values()]
         buckets = self._buckets_of(params)
         with torch.no_grad():
             copies = {p: p.detach().clone(memory_format=torch.contiguous_format)
@@ -362,7 +371,7 @@ class MSAM(SharpnessAware):
         slot: Dict[int, int] = {}
         perturbed = {}
         if not self._msam.at_w:
-            for p, s in self._msam.back.items():
+            for p, s in self._msam.back.values():
                 if id(s) not in slot:
                     slot[id(s)] = len(scales)
                     scales.append(s.detach().clone())
@@ -379,4 +388,5 @@ class MSAM(SharpnessAware):
         entry = state_dict.get("sharpopt", {}).get("msam", {"perturbed": {}, "scales": []})
         params = [p for group in self.param_groups for p in group["params"]]
         scales = [self._on(s.detach().clone(), self._primary) for s in entry["scales"]]
-        self._msam.back = {params[int(i)]: scales[int(k)] for i, k in entry["perturbed"].items()}
+        self._msam.back = {id(params[int(i)]): (params[int(i)], scales[int(k)])
+                           for i, k in entry["perturbed"].items()}
