@@ -205,14 +205,20 @@ class MSAM(SharpnessAware):
 
     def _buckets_unchecked(self, group: dict, params: List[Tensor]) -> List[Bucket]:
         # Parameters without a gradient: _buckets would look at their (absent) gradients.
-        from ._core import DTensor, _reduce_groups
+        # Only the move along m runs on them; a parameter that is not contiguous takes the
+        # foreach backend, which indexes any layout.
+        from ._core import DTensor, _local, _reduce_groups
+        from .backends import resolve
         by_key: Dict[tuple, List[Tensor]] = {}
         for p in params:
-            key = (p.device, p.dtype)
+            ops = self._ops_for(p.device)
+            if not _local(p).is_contiguous():
+                ops = resolve("foreach", p.device)
+            key = (ops, p.device, p.dtype)
             if isinstance(p, DTensor):
                 key += (_reduce_groups(p),)
             by_key.setdefault(key, []).append(p)
-        return [Bucket(self._ops_for(k[0]), ps, group, *k[2:]) for k, ps in by_key.items()]
+        return [Bucket(k[0], ps, group, *k[3:]) for k, ps in by_key.items()]
 
     def _move(self, b: Bucket, sign: int) -> None:
         """``w ← w + sign · s · m`` for the parameters of ``b`` that hold ``w~``, per scale."""
