@@ -100,6 +100,10 @@ class MSAM(SharpnessAware):
     module docstring): in fp32 about 1/15 of plain SGD's own rounding error over 10,000 steps.
     """
 
+    #: GradScaler.step(opt) unscales the gradients through the shared param_groups and calls
+    #: step() only when they are finite: a skipped step leaves the model at w~, as it should.
+    _step_supports_amp_scaling = False
+
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.3, *, perturb_eps=1e-12,
                  backend="auto", check_finite=True, **base_kwargs):
         if base_optimizer not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
