@@ -8,7 +8,7 @@ step is what the SAM wrapper runs around the user's two backward passes:
     restore_sgd(...)  or  restore_adam(...)
 
 Each backend (cpu, foreach, reference) is timed on the same tensors. The floor is the
-SPEC's byte model (40 B/param with SGD-momentum, 48 B/param with AdamW) divided by the
+docs/byte-model.md (40 B/param with SGD-momentum, 48 B/param with AdamW) divided by the
 triad bandwidth ``a = b + s * c`` measured in the same run (12 B/element, the STREAM
 convention). The backends are timed round-robin and compared on their best run, which is
 the least disturbed one on a shared machine; median and p90 are printed next to it. Results are printed and appended as one JSON line to
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sharpopt.backends import resolve  # noqa: E402
 
 RHO, EPS = 0.05, 1e-12
-BYTES_PER_PARAM = {"sgd": 40, "adamw": 48}  # SPEC byte model, fp32, fused
+BYTES_PER_PARAM = {"sgd": 40, "adamw": 48}  # docs/byte-model.md, fp32, fused
 
 
 def resnet50_shapes():

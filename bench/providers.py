@@ -66,7 +66,7 @@ class Plain:
 
     ``loop=True``: per-tensor ops in a Python loop, a fresh clone of the weights each step
     and a pointer restore (``p.data = old``); ``loop=False``: ``torch._foreach_*`` ops and
-    preallocated buffers. Both follow the SPEC's formulas, so they compute the same
+    preallocated buffers. Both follow docs/algorithms.md, so they compute the same
     numbers as sharpopt (checked by ``bench.__main__`` before timing).
     """
 

@@ -16,7 +16,7 @@ code), not typed in by hand:
 
 The byte model (:func:`bytes_per_param`) counts, for each algorithm and base optimizer,
 the tensor elements an ideal fused implementation must read and write per parameter per
-step (SPEC "byte model"); multiplied by the element size of the parameter dtype it gives
+step (docs/byte-model.md); multiplied by the element size of the parameter dtype it gives
 bytes, and ``bytes × n_params / time`` is the effective bandwidth a provider reaches.
 """
 from __future__ import annotations

@@ -19,15 +19,18 @@ process holding the whole model.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
-from .backends import resolve
-from .backends.base import Ops
+from ._keywords import SortKeywords
+from .backends import is_forced, resolve
+from .backends.base import Ops, is_dense, layout_problem, same_layout
 
 try:
     import torch.distributed as dist
@@ -50,6 +53,22 @@ def _move(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=device.type != "cpu")
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _relaid(st: dict, keys: Sequence[str], p: Tensor) -> None:
+    """Give the state tensors ``st[k]`` the memory layout of ``p`` where they lost it (a
+    checkpoint of a contiguous model loaded into a channels_last one, or the model moved to
+    another memory format): the fused passes walk a parameter and its state in memory order.
+    The values are kept; only the strides change."""
+    for k in keys:
+        t = st[k]
+        if t.stride() != p.stride() and not same_layout(t, p):
+            st[k] = torch.empty_like(p).copy_(t)
+
+
 def _reduce_groups(p: Tensor) -> tuple:
     """Process groups over which a sum of ``p``'s local elements must be all-reduced: one
     per mesh dimension ``p`` is sharded on (replicated dimensions hold equal copies)."""
@@ -68,6 +87,18 @@ def _reduce_groups(p: Tensor) -> tuple:
     return tuple(groups)
 
 
+class _Sources(list):
+    """A bucket's parameters. It also keeps the lists made from them (scratch buffers by
+    name, row means), so a step reuses them instead of looking each parameter up again:
+    they are valid as long as the plan that made the bucket (see ``_Core._gather``)."""
+
+    __slots__ = ("derived",)
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.derived: Dict[str, list] = {}
+
+
 @dataclass
 class Bucket:
     """Parameters of one param group that share a device, a dtype and a sharding.
@@ -84,12 +115,24 @@ class Bucket:
     reduce_over: tuple = ()
     params: List[Tensor] = field(init=False)
     device: torch.device = field(init=False)
+    dtype: torch.dtype = field(init=False)
     sharded: bool = field(init=False)
+    #: State entries already given the parameters' layout for this plan (see _relaid).
+    laid_out: set = field(init=False, default_factory=set)
 
     def __post_init__(self):
+        if not isinstance(self.sources, _Sources):
+            self.sources = _Sources(self.sources)
         self.sharded = isinstance(self.sources[0], DTensor)
         self.params = [_local(p) for p in self.sources] if self.sharded else self.sources
         self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+
+    def current(self) -> bool:
+        """Whether the parameters are still where the bucket was made for (a model moved
+        with ``.to(device/dtype)`` keeps its Parameter objects but not their storage)."""
+        p = self.params[0]
+        return p.device == self.device and p.dtype == self.dtype
 
     @property
     def grads(self) -> List[Tensor]:
@@ -114,14 +157,17 @@ def _check_positive(name: str, value, allow_zero: bool = True) -> None:
 class _Core(Optimizer):
     """Backend selection, bucketing, scratch buffers and global reductions."""
 
-    def __init__(self, params, defaults: dict, *, backend: str = "auto", eps: float = 1e-12):
-        _check_positive("eps", eps, allow_zero=False)
-        self.eps = float(eps)
+    def __init__(self, params, defaults: dict, *, backend: str = "auto",
+                 perturb_eps: float = 1e-12):
+        _check_positive("perturb_eps", perturb_eps, allow_zero=False)
+        self.perturb_eps = float(perturb_eps)
         self._requested_backend = backend
         self._ops: Dict[torch.device, Ops] = {}
         # Scratch buffers keyed by name, then by parameter. They hold values only between
         # the passes of one step, so they are not part of state_dict().
         self._scratch: Dict[str, Dict[Tensor, Tensor]] = {}
+        self._warned_layout = False
+        self._plan: Optional[tuple] = None     # (key, buckets): see _gather
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         # Resolve now so a bad or unavailable backend fails at construction, not mid-training.
@@ -164,42 +210,78 @@ class _Core(Optimizer):
 
     def _buckets(self, group: dict, params: Sequence[Tensor]) -> List[Bucket]:
         by_key: Dict[tuple, List[Tensor]] = {}
+        rows = getattr(self, "_centralize_direction", False)
         for p in params:
-            key = (p.device, p.dtype)
+            ops = self._ops_for(p.device)
+            if ops.requires_dense:
+                problem = layout_problem(_local(p), _local(p.grad), rows=rows)
+                if problem is not None:
+                    ops = self._layout_fallback(ops, p, problem)
+            key = (ops, p.device, p.dtype)
             if isinstance(p, DTensor):
                 key += (_reduce_groups(p),)
             by_key.setdefault(key, []).append(p)
-        buckets = [Bucket(self._ops_for(key[0]), ps, group, *key[2:])
-                   for key, ps in by_key.items()]
-        for b in buckets:
-            if b.ops.requires_contiguous:
-                for p, g in zip(b.params, b.grads):
-                    if not (p.is_contiguous() and g.is_contiguous()):
-                        raise ValueError(
-                            f"backend {b.ops.name!r} needs contiguous parameters and "
-                            f"gradients; one of shape {tuple(p.shape)} is not (call "
-                            ".contiguous() on it before building the optimizer, or use "
-                            "backend='foreach')"
-                        )
-        return buckets
+        return [Bucket(key[0], ps, group, *key[3:]) for key, ps in by_key.items()]
+
+    def _layout_fallback(self, ops: Ops, p: Tensor, problem: str) -> Ops:
+        """The backend for a parameter whose memory layout ``ops`` cannot index: an error
+        when the backend was asked for by name, else ``foreach`` (said once)."""
+        where = f"a parameter of shape {tuple(p.shape)} and strides {tuple(_local(p).stride())}"
+        if is_forced(self._requested_backend):
+            raise ValueError(
+                f"backend {ops.name!r} cannot run {where}: {problem}. Make it dense "
+                "(.contiguous() or .to(memory_format=torch.channels_last)) before building "
+                "the optimizer, or use backend='foreach'"
+            )
+        if not self._warned_layout:
+            self._warned_layout = True
+            warnings.warn(
+                f"sharpopt: {where} is stepped by the 'foreach' backend instead of "
+                f"{ops.name!r} ({problem}); the other parameters keep {ops.name!r}",
+                RuntimeWarning, stacklevel=4,
+            )
+        return resolve("foreach", p.device)
 
     def _gather(self) -> List[Bucket]:
-        """Buckets of the parameters that have a gradient now, over all groups."""
+        """Buckets of the parameters that have a gradient now, over all groups.
+
+        The buckets, and the lists the passes derive from them, depend only on the parameter
+        set, so they are made once and reused (the step plan) while the same parameters, in
+        the same groups, have gradients and the parameters stay on their device and dtype.
+        New gradient tensors (``zero_grad(set_to_none=True)``) keep the plan: torch gives a
+        parameter's gradient its dtype, device and shape. ``add_param_group`` and
+        ``load_state_dict`` drop it. Checking costs one look at every parameter.
+        """
+        key = [id(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        plan = self._plan
+        if plan is not None and plan[0] == key and all(b.current() for b in plan[1]):
+            return plan[1]
         buckets: List[Bucket] = []
         for group in self.param_groups:
             buckets.extend(self._buckets(group, self._with_grad(group)))
+        self._plan = (key, buckets)
         return buckets
 
     def _buffers(self, name: str, sources: Sequence[Tensor]) -> List[Tensor]:
         """Scratch tensors named ``name`` for the parameters ``sources`` (local shards for
         sharded ones), allocated once and then reused."""
+        derived = getattr(sources, "derived", None)
+        if derived is not None and name in derived:
+            return derived[name]
         store = self._scratch.setdefault(name, {})
         out = []
         for p in sources:
             buf = store.get(p)
-            if buf is None:
-                buf = store[p] = torch.empty_like(_local(p), memory_format=torch.contiguous_format)
+            local = _local(p)
+            if buf is None or buf.shape != local.shape or buf.dtype != local.dtype or (
+                    buf.device != local.device) or (
+                    buf.stride() != local.stride() and is_dense(local)):
+                # Laid out like the parameter (channels_last stays channels_last), so the
+                # fused passes can walk both in memory order; re-made if the layout changed.
+                buf = store[p] = torch.empty_like(local)
             out.append(buf)
+        if derived is not None:
+            derived[name] = out
         return out
 
     def _restore(self, b: Bucket, sources: Optional[Sequence[Tensor]] = None) -> None:
@@ -218,6 +300,9 @@ class _Core(Optimizer):
 
     def _row_means(self, sources: Sequence[Tensor]) -> List[Optional[Tensor]]:
         """fp32 per-row-mean buffers for gradient centralisation (None for dim <= 1)."""
+        derived = getattr(sources, "derived", None)
+        if derived is not None and "row_means" in derived:
+            return derived["row_means"]
         store = self._scratch.setdefault("row_means", {})
         out: List[Optional[Tensor]] = []
         for p in sources:
@@ -225,7 +310,7 @@ class _Core(Optimizer):
                 out.append(None)
                 continue
             buf = store.get(p)
-            if buf is None:
+            if buf is None or buf.device != p.device or buf.numel() != _local(p).shape[0]:
                 if isinstance(p, DTensor) and any(
                         pl.is_shard() and pl.dim != 0 for pl in p.placements):
                     raise ValueError(
@@ -237,6 +322,8 @@ class _Core(Optimizer):
                 buf = store[p] = torch.empty(local.shape[0], dtype=torch.float32,
                                              device=local.device)
             out.append(buf)
+        if derived is not None:
+            derived["row_means"] = out
         return out
 
     # -- global reductions (no host synchronisation) ------------------------------------
@@ -310,6 +397,9 @@ class _StepState:
         self.perturbed: Optional[List[Bucket]] = None   # buckets holding w + e, if any
         self.calls = 0                                    # completed first steps (every-k)
         self.inv_scale: Optional[Tensor] = None         # 1/loss scale folded into an ascent
+        self.begun = 0              # first steps entered (step(closure) sees its closure's)
+        self.done_early = False     # the last first step finished (or skipped) the update
+        self.late: List[Bucket] = []                      # grads that appeared in pass 2
 
 
 class _SkipStep(Exception):
@@ -317,14 +407,33 @@ class _SkipStep(Exception):
     wrote anything: the step is skipped as a loss scaler expects."""
 
 
-class SharpnessAware(_Core):
+class SharpnessAware(_Core, metaclass=SortKeywords):
     """Base class of the wrappers around a ``torch.optim`` base optimizer.
 
     Subclasses implement ``_ascent(buckets)`` (perturb the weights from the current
     gradients and say whether a second pass is needed) and may override
     ``_descent(buckets)`` (turn the gradients of the second pass into the base
     optimizer's direction) — see :class:`sharpopt.SAM` for the protocol.
+
+    Keywords: the wrapper's own (``rho``, ``perturb_eps``, ``max_grad_norm``, ...) and the
+    base optimizer's (``lr``, ``eps``, ...) are sorted by name; one that both take is
+    refused until ``sam_kwargs=`` or ``base_kwargs=`` says whose it is (see
+    ``sharpopt._keywords``).
+
+    ``max_grad_norm``: the direction handed to the base optimizer, ``d``, is scaled by
+    ``min(1, max_grad_norm / (‖d‖ + 1e-6))`` first, ``‖d‖`` one global norm over every
+    parameter in the update (``torch.nn.utils.clip_grad_norm_``'s rule), after any loss
+    scale is removed.
     """
+
+    #: ``GradScaler.step(opt)`` calls ``step()`` itself even when it found inf/NaN, handing
+    #: over ``grad_scale`` and ``found_inf``: a skipped step must still put ``w`` back.
+    _step_supports_amp_scaling = True
+    _keyword_meanings = {
+        "rho": "perturbation radius", "perturb_eps": "epsilon of the perturbation norm",
+        "backend": "backend name", "check_finite": "inf/NaN check switch",
+        "max_grad_norm": "clipping norm of the descent direction",
+    }
 
     #: Algorithms that need more than two gradient evaluations set this.
     closure_only = False
@@ -334,7 +443,8 @@ class SharpnessAware(_Core):
     _scale_free_ascent = False
 
     def __init__(self, params, base_optimizer, defaults: dict, *, backend="auto",
-                 eps=1e-12, check_finite=True, **base_kwargs):
+                 perturb_eps=1e-12, check_finite=True, max_grad_norm=None, base_kwargs=None,
+                 **kwargs):
         if isinstance(base_optimizer, Optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class (e.g. torch.optim.SGD), not an "
@@ -345,13 +455,16 @@ class SharpnessAware(_Core):
             raise TypeError(f"base_optimizer must be a torch.optim class, got {base_optimizer!r}")
         if "rho" in defaults:
             _check_positive("rho", defaults["rho"])
+        if max_grad_norm is not None:
+            _check_positive("max_grad_norm", max_grad_norm, allow_zero=False)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._algo_defaults = dict(defaults)
         self._run = _StepState()
         self.check_finite = bool(check_finite)
-        super().__init__(params, defaults, backend=backend, eps=eps)
+        super().__init__(params, defaults, backend=backend, perturb_eps=perturb_eps)
         for group in self.param_groups:
             self._check_group(group)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs, **(base_kwargs or {}))
         # Share one list of groups so that LR schedulers on either object see the same lr.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -363,6 +476,7 @@ class SharpnessAware(_Core):
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base_optimizer"):
             return super().add_param_group(param_group)
+        self._plan = None
         group = dict(param_group)
         for key, value in self._algo_defaults.items():
             group.setdefault(key, value)
@@ -397,6 +511,7 @@ class SharpnessAware(_Core):
             )
         if self._run.perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
+        self._plan = None
         own = {k: v for k, v in state_dict.items() if k in ("state", "param_groups")}
         super().load_state_dict(own)
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
@@ -404,6 +519,12 @@ class SharpnessAware(_Core):
         self._run.calls = int(state_dict.get("sharpopt", {}).get("calls", 0))
 
     # -- the two-pass protocol -----------------------------------------------------------
+    @property
+    def perturbed(self) -> bool:
+        """True between a ``first_step`` that perturbed and the step's end: the model holds
+        ``w + e`` (a closure uses it to freeze BatchNorm statistics on its second call)."""
+        return self._run.perturbed is not None
+
     def _ascent(self, buckets: List[Bucket]) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -427,8 +548,8 @@ class SharpnessAware(_Core):
 
         ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the loss; the scale is
         removed here (inside the norm pass for SAM/ASAM/GCSAM, by unscaling the gradients
-        for the others). Pass the same scaler to :meth:`second_step`, then call
-        ``grad_scaler.update()`` as usual.
+        for the others). Finish with :meth:`second_step` given the same scaler, or with
+        ``grad_scaler.step(opt)``; then call ``grad_scaler.update()`` as usual.
         """
         if self.closure_only:
             raise RuntimeError(
@@ -443,6 +564,16 @@ class SharpnessAware(_Core):
                 "first_step() called twice without second_step(): the weights are already "
                 "perturbed"
             )
+        if grad_scaler is not None and grad_scaler.is_enabled() \
+                and self._unscaled_by_caller(grad_scaler) is not None:
+            raise RuntimeError(
+                "scaler.unscale_() was called on this optimizer before first_step(); the "
+                "second pass could then not be unscaled. Unscale (and clip) between the "
+                "passes, before second_step() or scaler.step(opt): that is the descent "
+                "direction"
+            )
+        self._run.begun += 1
+        self._run.done_early = False
         buckets = self._gather()
         # With a loss scaler, an ascent that is homogeneous in g (SAM, ASAM, GCSAM) takes
         # the scaled gradients as they are: its norm pass finds inf/NaN from the norm
@@ -454,6 +585,7 @@ class SharpnessAware(_Core):
             self._run.inv_scale = self._inv_scale(grad_scaler)
         elif not self._gradients_ok(buckets, grad_scaler, record=not self._will_perturb(),
                                     when="the first pass"):
+            self._run.done_early = True
             if zero_grad:
                 self.zero_grad()
             return False
@@ -461,6 +593,7 @@ class SharpnessAware(_Core):
             perturbed = self._ascent(buckets)
         except _SkipStep:
             grad_scaler.unscale_(self.base_optimizer)   # records the inf: update() backs off
+            self._run.done_early = True
             if zero_grad:
                 self.zero_grad()
             return False
@@ -469,6 +602,8 @@ class SharpnessAware(_Core):
         self._run.calls += 1
         if perturbed:
             self._run.perturbed = buckets
+        else:
+            self._run.done_early = True
         if zero_grad:
             self.zero_grad()
         return perturbed
@@ -487,7 +622,9 @@ class SharpnessAware(_Core):
             )
         self._second(zero_grad, grad_scaler)
 
-    def _second(self, zero_grad: bool, grad_scaler=None) -> None:
+    def _second(self, zero_grad: bool, grad_scaler=None, amp: Optional[tuple] = None) -> None:
+        """``amp = (grad_scale, found_inf)`` when ``GradScaler.step`` called us: it has
+        checked the gradients already, and ``grad_scale`` is None when they are unscaled."""
         if self._run.perturbed is None:
             raise RuntimeError(
                 "second_step() called without a matching first_step() (or first_step() "
@@ -497,17 +634,40 @@ class SharpnessAware(_Core):
         if any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
         try:
-            ok = self._gradients_ok(buckets, grad_scaler, record=True, when="the second pass")
+            late = self._late(buckets)
+            if amp is not None:
+                ok = self._amp_ok(buckets + late, *amp)
+            else:
+                ok = self._gradients_ok(buckets + late, grad_scaler, record=True,
+                                        when="the second pass")
         except BaseException:
             self._abort()
             raise
         if not ok:
             self._abort()
         else:
-            self._run.perturbed = None
-            self._descent(buckets)
+            self._run.perturbed, self._run.late = None, late
+            try:
+                self._descent(buckets)
+            finally:
+                self._run.late = []
         if zero_grad:
             self.zero_grad()
+
+    def _late(self, buckets: List[Bucket]) -> List[Bucket]:
+        """Buckets of the parameters that have a gradient in the second pass but had none in
+        the first (stochastic depth, a conditional branch, MoE routing). They were never
+        perturbed; like torch.optim, the update steps them on their own gradient."""
+        count = sum(len(b.sources) for b in buckets)
+        if count == sum(p.grad is not None for g in self.param_groups for p in g["params"]):
+            return []                                  # the common case: the same set
+        seen = {id(p) for b in buckets for p in b.sources}
+        late: List[Bucket] = []
+        for group in self.param_groups:
+            new = [p for p in self._with_grad(group) if id(p) not in seen]
+            if new:
+                late.extend(self._buckets(group, new))
+        return late
 
     def _restore_missing(self, buckets: List[Bucket]) -> List[Bucket]:
         """Parameters perturbed in the first pass but without a gradient in the second are
@@ -537,8 +697,12 @@ class SharpnessAware(_Core):
         """
         if grad_scaler is not None and grad_scaler.is_enabled():
             if record:
-                grad_scaler.unscale_(self.base_optimizer)
-                state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
+                # A caller that unscaled already (to clip between the passes) must not see
+                # the gradients divided twice: its unscale_ recorded the inf check.
+                state = self._unscaled_by_caller(grad_scaler)
+                if state is None:
+                    grad_scaler.unscale_(self.base_optimizer)
+                    state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
                 found = self._total(v.reshape(()) for v in state["found_inf_per_device"].values())
                 return not bool(found.item())
             if bool(self._nonfinite(buckets, self._inv_scale(grad_scaler)).item()):
@@ -546,12 +710,39 @@ class SharpnessAware(_Core):
                 grad_scaler.unscale_(self.base_optimizer)
                 return False
             return True
+        if self.check_finite and _capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}: check_finite=True reads a flag back to the host in "
+                "each pass, which a CUDA graph capture cannot do; build the optimizer with "
+                "check_finite=False to capture its step (and check the loss yourself)"
+            )
         if self.check_finite and bool(self._nonfinite(buckets, None).item()):
             raise FloatingPointError(
                 f"{type(self).__name__}: a gradient in {when} contains inf or NaN; the "
                 "weights and optimizer state were left as they were. Use a "
                 "torch.amp.GradScaler (grad_scaler=) to skip such steps, or fix the loss."
             )
+        return True
+
+    def _unscaled_by_caller(self, grad_scaler) -> Optional[dict]:
+        """The scaler's record for this optimizer (or its base) when ``unscale_`` was
+        already called on it in this iteration, else None."""
+        for opt in (self, self.base_optimizer):
+            state = grad_scaler._per_optimizer_states.get(id(opt))
+            if state is not None and state["stage"] is OptState.UNSCALED:
+                return state
+        return None
+
+    def _amp_ok(self, buckets: List[Bucket], grad_scale, found_inf) -> bool:
+        """``GradScaler.step``'s verdict: False (skip) when it found inf/NaN; otherwise
+        the gradients are unscaled by ``1 / grad_scale`` here unless the caller already did
+        (``grad_scale`` None). One host read, as the scaler's own skip decision."""
+        if bool(torch.as_tensor(found_inf).sum().item()):
+            return False
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            for b in buckets:
+                self._lincomb(b, b.grads, [(inv, b.grads)])
         return True
 
     @staticmethod
@@ -575,22 +766,53 @@ class SharpnessAware(_Core):
             parts.append((reduce_over, found.reshape(())))
         return self._reduce(parts)
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None, *, grad_scaler=None):
-        """One whole step: ``closure`` (forward + backward, returns the loss) is evaluated
-        at ``w`` and, when the algorithm perturbs, again at the perturbed weights.
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, **options):
+        """One whole step, or the end of one begun by :meth:`first_step`.
 
-        Gradients present before the call are discarded, so the result is the same whether
-        or not the caller already ran a backward pass. Returns the loss at ``w``. With
-        ``grad_scaler``, the closure must call ``grad_scaler.scale(loss).backward()``.
+        ``step(closure)``: ``closure`` (forward + backward, returns the loss) is evaluated
+        at ``w`` and, when the algorithm perturbs, again at the perturbed weights. Its
+        first backward adds to the gradients already there (micro-batches a trainer
+        accumulated belong to the first pass); the second pass starts from zero. If the
+        closure calls :meth:`first_step` itself (a trainer integration whose closure runs
+        both passes), ``step`` only finishes that step. Returns the loss at ``w``; the
+        gradients are cleared (None) on return.
+
+        ``step()`` with no closure after :meth:`first_step` finishes the pending step
+        exactly as :meth:`second_step` does (nothing to do when ``first_step`` returned
+        False: it applied or skipped the update itself). ``GradScaler.step(opt)`` calls it
+        so, after its inf check: a step it skips restores ``w`` (nothing is lost), and
+        ``grad_scaler.update()`` then lowers the scale. With nothing begun it raises.
+
+        ``grad_scaler=`` (keyword): the ``torch.amp.GradScaler`` whose ``scale(loss)`` the
+        closure's backward used. (It is read from ``**options`` so that
+        ``GradScaler.step`` uses its attribute protocol, not the deprecated keyword one.)
         """
+        grad_scaler = options.pop("grad_scaler", None)
+        if options:
+            raise TypeError(f"{type(self).__name__}.step() got unexpected keyword arguments "
+                            f"{sorted(options)}")
         if closure is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that runs forward and "
-                "backward and returns the loss; or call first_step()/second_step() yourself"
-            )
-        closure = torch.enable_grad()(closure)
-        self.zero_grad()
+            with torch.no_grad():
+                self._complete(grad_scaler)
+            return None
+        try:
+            return self._step_with(torch.enable_grad()(closure), grad_scaler)
+        except BaseException:
+            with torch.no_grad():
+                self._abort()      # a closure that began the step itself may have failed
+            self.zero_grad()       # the failed step's gradients must not leak into the next
+            raise
+        finally:
+            self._run.done_early = False
+
+    def _step_with(self, closure: Callable[[], Tensor], grad_scaler) -> Tensor:
+        begun = self._run.begun
         loss = closure()
+        if self._run.begun != begun:   # the closure ran first_step and the second backward
+            with torch.no_grad():
+                self._complete(grad_scaler)
+            self.zero_grad()
+            return loss
         with torch.no_grad():
             perturbed = self._first(True, grad_scaler)
         if perturbed:
@@ -601,8 +823,24 @@ class SharpnessAware(_Core):
                     self._abort()
                 raise
             with torch.no_grad():
-                self._second(False, grad_scaler)
+                self._second(True, grad_scaler)
         return loss
+
+    def _complete(self, grad_scaler) -> None:
+        """Finish the step begun by ``first_step`` (closure-less ``step()``)."""
+        amp = None
+        if "found_inf" in self.__dict__:   # set by GradScaler.step for this call only
+            amp = (self.__dict__.get("grad_scale"), self.__dict__["found_inf"])
+        if self._run.perturbed is None:
+            if self._run.done_early:
+                self._run.done_early = False
+                return
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that runs forward and "
+                "backward and returns the loss, or a step begun by first_step() to finish "
+                "(without a closure it completes that step), and none is pending"
+            )
+        self._second(False, grad_scaler, amp)
 
     def _abort(self) -> None:
         """Put the weights back when a step cannot finish (the training state is unchanged)."""
@@ -636,12 +874,22 @@ class SharpnessAware(_Core):
                             directions: Optional[Callable[[Bucket], List[Tensor]]] = None
                             ) -> None:
         """``w ← saved`` (when ``restore``) and ``Base.step(d)``; ``d`` is ``p.grad``
-        unless ``directions`` gives other tensors."""
+        unless ``directions`` gives other tensors; clipped first with ``max_grad_norm``."""
         # An LR scheduler on either object warns unless it sees an optimizer step; the
         # fused path never calls step(), so say that one happened.
         self._opt_called = self.base_optimizer._opt_called = True
+        # Parameters whose gradient appeared only in the second pass take a plain step on
+        # it (see _late); base.step() below covers them by itself.
+        late, self._run.late = self._run.late, []
+        if self.max_grad_norm is not None:
+            # One global norm over every direction handed to the base optimizer, the late
+            # parameters' own gradients included (clip_grad_norm_ over all of them).
+            d_of = directions or (lambda b: b.grads)
+            late_ids = {id(b) for b in late}
+            self._clip(buckets + late, lambda b: b.grads if id(b) in late_ids else d_of(b))
+            directions = None      # the clipped direction is in p.grad now
         kind = self._fusable()
-        if kind is None or not all(b.ops.fuses_base_update for b in buckets):
+        if kind is None or not all(b.ops.fuses_base_update for b in buckets + late):
             for b in buckets:
                 if restore:
                     self._restore(b)
@@ -651,6 +899,18 @@ class SharpnessAware(_Core):
                             g.copy_(d)
             self.base_optimizer.step()
             return
+        if kind == "adam" and _capturing():
+            # The fused Adam reads the step count on the host and bakes the bias
+            # corrections into the launch: a replayed graph would repeat step t forever.
+            if restore:
+                for b in buckets:
+                    self._restore(b)
+            raise RuntimeError(
+                f"{type(self).__name__}: the fused Adam/AdamW update cannot be captured in a "
+                "CUDA graph with capturable=False (its step count lives on the host, so every "
+                "replay would repeat the same bias correction). Pass capturable=True to the "
+                "base optimizer for CUDA-graph capture; the weights were restored to w."
+            )
         for b in buckets:
             saved = self._buffers("saved", b.sources) if restore else None
             d = directions(b) if directions is not None else b.grads
@@ -658,6 +918,23 @@ class SharpnessAware(_Core):
                 self._sgd(b, saved, d)
             else:
                 self._adam(b, saved, d)
+        for b in late:
+            (self._sgd if kind == "sgd" else self._adam)(b, None, b.grads)
+
+    def _clip(self, buckets: List[Bucket], directions: Callable[[Bucket], List[Tensor]]) -> None:
+        """``p.grad ← d · min(1, max_grad_norm / (‖d‖ + 1e-6))``, ``‖d‖`` global, as
+        ``torch.nn.utils.clip_grad_norm_`` (which also multiplies when the factor is 1).
+        ``d`` itself is left alone when it is another buffer (WSAM reads its ``g`` again).
+
+        One norm pass (read ``d``) and one scaling pass (read ``d``, write ``p.grad``), the
+        factor kept on the device. The scaling is not merged into the base update because
+        the unmerged path (``reference``, or any base optimizer other than SGD/Adam/AdamW)
+        hands ``p.grad`` to ``Base.step``, which must then see the clipped values.
+        """
+        norm = self._norm(buckets, directions)
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for b in buckets:
+            self._lincomb(b, b.grads, [(coef, directions(b))])
 
     def _sgd(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
@@ -669,20 +946,42 @@ class SharpnessAware(_Core):
             return
         # Parameters that have no momentum buffer yet (first step, or a group added
         # later) take buf = d, as torch.optim.SGD does; the others the running average.
+        states = [state[p] for p in b.sources]
+        bufs = [st.get("momentum_buffer") for st in states]
+        fresh = [i for i, m in enumerate(bufs) if m is None]
+        if not fresh:                                  # every step after the first
+            if self._relayout_due(b, "momentum_buffer"):
+                for st, p in zip(states, b.sources):
+                    _relaid(st, ("momentum_buffer",), p)
+                bufs = [st["momentum_buffer"] for st in states]
+            b.ops.restore_sgd(b.params, saved, d, b.local(bufs), init_buffers=False, **kw)
+            return
         for init in (False, True):
-            idx = [i for i, p in enumerate(b.sources)
-                   if (state[p].get("momentum_buffer") is None) == init]
+            idx = [i for i, m in enumerate(bufs) if (m is None) == init]
             if not idx:
                 continue
             ps = [b.sources[i] for i in idx]
             if init:
                 for p in ps:
                     state[p]["momentum_buffer"] = torch.empty_like(p)
+            elif b.ops.requires_dense and not b.sharded:
+                for p in ps:
+                    _relaid(state[p], ("momentum_buffer",), p)
             b.ops.restore_sgd(
                 b.local(ps), None if saved is None else [saved[i] for i in idx],
                 [d[i] for i in idx], b.local([state[p]["momentum_buffer"] for p in ps]),
                 init_buffers=init, **kw,
             )
+
+    @staticmethod
+    def _relayout_due(b: Bucket, key: str) -> bool:
+        """Whether state ``key`` of bucket ``b`` must still be checked against the
+        parameters' layout (:func:`_relaid`): once per plan, for the backends that walk
+        memory; state made later is made in the parameter's layout."""
+        if not b.ops.requires_dense or b.sharded or key in b.laid_out:
+            return False
+        b.laid_out.add(key)
+        return True
 
     def _adam(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
@@ -695,6 +994,10 @@ class SharpnessAware(_Core):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self._relayout_due(b, "adam"):
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+            for p in b.sources:
+                _relaid(state[p], keys, p)
         steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
         # Step counts differ only when parameters joined at different times; the counters

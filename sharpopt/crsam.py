@@ -25,18 +25,22 @@ class CRSAM(SAM):
     """CR-SAM; see the module docstring. Use ``step(closure)``."""
 
     closure_only = True
+    _keyword_meanings = {"gamma": "curvature weight gamma",
+                         "beta": "gradient-difference weight beta"}
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, gamma=0.1, beta=0.1, *,
-                 adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
+                 adaptive=False, eta=0.0, perturb_eps=1e-12, backend="auto", **base_kwargs):
         _check_positive("gamma", gamma)
         _check_positive("beta", beta)
         self.gamma, self.beta = float(gamma), float(beta)
-        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, perturb_eps=perturb_eps,
                          backend=backend, **base_kwargs)
 
     def step(self, closure=None, *, grad_scaler=None):
         """``closure`` runs forward + backward on one batch and returns the loss; it is
-        evaluated at ``w``, ``w + e`` and ``w − e``. Returns the loss at ``w``."""
+        evaluated at ``w``, ``w + e`` and ``w − e``. Returns the loss at ``w``. The first
+        backward adds to gradients already there (as ``SAM.step(closure)``); the gradients
+        are cleared on return."""
         if grad_scaler is not None:
             raise NotImplementedError("CRSAM does not take a GradScaler; use bf16 autocast, "
                                       "which needs no loss scaling")
@@ -44,8 +48,7 @@ class CRSAM(SAM):
             raise RuntimeError("CRSAM.step() needs a closure: it evaluates the gradient at "
                                "w, w + e and w - e")
         closure = torch.enable_grad()(closure)
-        self.zero_grad()
-        loss = closure()
+        loss = closure()   # adds to gradients already accumulated, as SAM's step(closure)
         with torch.no_grad():
             buckets = self._gather()
             self._gradients_ok(buckets, None, record=False, when="the pass at w")
@@ -80,6 +83,7 @@ class CRSAM(SAM):
                                            (-2 * g, self._buffers("g0", b.sources))])
             self._restore_and_update(buckets)
             self._run.calls += 1
+        self.zero_grad()
         return loss
 
     @staticmethod

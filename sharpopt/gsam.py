@@ -28,10 +28,15 @@ class GSAM(SAM):
     """GSAM; see the module docstring for the update rule. ``alpha`` default 0.4."""
 
     _keeps_gradient = True
+    _keyword_meanings = {
+        "alpha": "weight of the surrogate-gap term (alpha · g_perp)",
+        "rho_min": "smallest scheduled radius", "rho_max": "largest scheduled radius",
+        "lr_min": "lr at which rho_min applies", "lr_max": "lr at which rho_max applies",
+    }
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, alpha=0.4, *,
                  rho_min=None, rho_max=None, lr_min=0.0, lr_max=None, adaptive=False,
-                 eta=0.0, eps=1e-12, schedule=None, backend="auto", **base_kwargs):
+                 eta=0.0, perturb_eps=1e-12, schedule=None, backend="auto", **base_kwargs):
         _check_positive("alpha", alpha)
         if (rho_min is None) != (rho_max is None):
             raise ValueError("give both rho_min and rho_max to schedule rho with the lr, or neither")
@@ -43,7 +48,7 @@ class GSAM(SAM):
         self.alpha = float(alpha)
         self._schedule = None if rho_max is None else (float(rho_min), float(rho_max),
                                                        float(lr_min), lr_max)
-        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, perturb_eps=perturb_eps,
                          schedule=schedule, backend=backend, **base_kwargs)
         if self._schedule is not None:
             for group in self.param_groups:
@@ -62,7 +67,7 @@ class GSAM(SAM):
         g0 = lambda b: self._buffers("g0", b.sources)
         dot = self._dot(buckets, g0, lambda b: b.grads)
         gp_sq = self._norm(buckets, lambda b: b.grads).square()
-        coef_gp = 1.0 + self.alpha * dot / (gp_sq + self.eps)
+        coef_gp = 1.0 + self.alpha * dot / (gp_sq + self.perturb_eps)
         for b in buckets:
             self._lincomb(b, b.grads, [(coef_gp, b.grads), (-self.alpha, g0(b))])
         self._restore_and_update(buckets)

@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive
+from ._core import Bucket, _check_positive, _relaid
 from .sam import SAM
 
 __all__ = ["LookSAM"]
@@ -29,21 +29,28 @@ class LookSAM(SAM):
     """LookSAM; see the module docstring for the update rule."""
 
     _keeps_gradient = True
+    _keyword_meanings = {
+        "alpha": "weight of the reused component g_v on the cheap steps",
+        "k": "period of the full SAM step",
+    }
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, k=5, alpha=0.7, *,
-                 adaptive=False, eta=0.0, eps=1e-12, backend="auto", **base_kwargs):
+                 adaptive=False, eta=0.0, perturb_eps=1e-12, backend="auto", **base_kwargs):
         _check_positive("alpha", alpha)
         self.alpha = float(alpha)
-        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps, k=k,
-                         backend=backend, **base_kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta,
+                         perturb_eps=perturb_eps, k=k, backend=backend, **base_kwargs)
 
     def _g_v(self, b: Bucket) -> List[torch.Tensor]:
         """The (local shards of the) ``g_v`` state of bucket ``b``'s parameters."""
         out = []
+        due = self._relayout_due(b, "g_v")
         for p in b.sources:
             st = self.state[p]
             if "g_v" not in st:
-                st["g_v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["g_v"] = torch.zeros_like(p)
+            elif due:
+                _relaid(st, ("g_v",), p)
             out.append(st["g_v"])
         return b.local(out)
 
@@ -58,7 +65,7 @@ class LookSAM(SAM):
             return super()._ascent(buckets)
         g_norm = self._norm(buckets, lambda b: b.grads)
         gv_norm = self._norm(buckets, self._g_v)
-        coef = self.alpha * g_norm / (gv_norm + self.eps)
+        coef = self.alpha * g_norm / (gv_norm + self.perturb_eps)
         for b in buckets:
             self._lincomb(b, b.grads, [(1.0, b.grads), (coef, self._g_v(b))])
         self._restore_and_update(buckets, restore=False)
@@ -68,7 +75,7 @@ class LookSAM(SAM):
         g0 = lambda b: self._buffers("g0", b.sources)
         dot = self._dot(buckets, g0, lambda b: b.grads)
         g_sq = self._norm(buckets, g0).square()
-        coef = -dot / (g_sq + self.eps)
+        coef = -dot / (g_sq + self.perturb_eps)
         for b in buckets:
             self._lincomb(b, self._g_v(b), [(1.0, b.grads), (coef, g0(b))])
         self._restore_and_update(buckets)

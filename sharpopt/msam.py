@@ -38,13 +38,12 @@ plain fp32 SGD's own rounding (its distance to an fp64 run), and MSAM's distance
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._core import Bucket, SharpnessAware
+from ._core import Bucket, SharpnessAware, _relaid
 
 __all__ = ["MSAM"]
 
@@ -90,6 +89,7 @@ class MSAM(SharpnessAware):
             False to drop them, or step through ``GradScaler.step(opt)``, which skips such
             steps itself).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, Adam's ``eps``...).
+            ``max_grad_norm`` is refused: clip the gradients before ``step()``.
 
     Checkpoints: ``state_dict()`` records which parameters hold ``w~`` and the scale ``s``
     of each, so a checkpoint of the model (at ``w~``) with it resumes the run bit for bit.
@@ -112,14 +112,13 @@ class MSAM(SharpnessAware):
                 "torch.optim.SGD (momentum > 0), Adam and AdamW as base_optimizer, got "
                 f"{base_optimizer!r}"
             )
-        base = base_optimizer
-        if "eps" in base_kwargs:
-            # Adam's own eps: bound here so that it reaches Adam and not the wrapper.
-            base = functools.partial(base_optimizer, eps=base_kwargs.pop("eps"))
+        if base_kwargs.get("max_grad_norm") is not None:
+            raise ValueError("MSAM does not clip its direction (max_grad_norm); clip the "
+                             "gradients with torch.nn.utils.clip_grad_norm_ before step()")
         self._msam = _MsamState()
         self._key = "momentum_buffer" if base_optimizer is torch.optim.SGD else "exp_avg"
-        super().__init__(params, base, dict(rho=rho), backend=backend, eps=perturb_eps,
-                         check_finite=check_finite, **base_kwargs)
+        super().__init__(params, base_optimizer, dict(rho=rho), backend=backend,
+                         perturb_eps=perturb_eps, check_finite=check_finite, **base_kwargs)
         for group in self.param_groups:
             self._check_base_group(group)
 
@@ -243,7 +242,7 @@ class MSAM(SharpnessAware):
 
     def _perturb(self, buckets: List[Bucket], norm: Tensor) -> None:
         """``w~ ← w − s · m`` with ``s = rho / (‖m‖ + eps)``, per group; records ``s``."""
-        denom = norm + self.eps
+        denom = norm + self.perturb_eps
         scales: Dict[int, Tensor] = {}
         for b in buckets:
             rho = b.group["rho"]
@@ -293,6 +292,10 @@ class MSAM(SharpnessAware):
         new = [i for i, p in enumerate(b.sources) if state[p].get("momentum_buffer") is None]
         for i in new:
             state[b.sources[i]]["momentum_buffer"] = torch.empty_like(b.sources[i])
+        if len(new) < len(b.sources) and self._relayout_due(b, "momentum_buffer"):
+            for p in b.sources:
+                if state[p].get("momentum_buffer") is not None:
+                    _relaid(state[p], ("momentum_buffer",), p)
         grads = b.grads
         if new:
             ps = pick(b.sources, new)
@@ -317,6 +320,10 @@ class MSAM(SharpnessAware):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self._relayout_due(b, "adam"):
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+            for p in b.sources:
+                _relaid(state[p], keys, p)
         steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]

@@ -47,7 +47,7 @@ class SAM(SharpnessAware):
         rho: radius of the ascent (per group), ``>= 0``. ``rho=0`` is the base optimizer.
         adaptive: scale the ascent by ``T² = (|w| + eta)²`` (ASAM).
         eta: ASAM's offset (``0`` = the common PyTorch variant, ``0.01`` = the paper).
-        eps: added to the norm before dividing.
+        perturb_eps: added to the norm before dividing (``eps`` is the base optimizer's).
         k: run the two-pass step every ``k`` calls, a plain base step otherwise.
         schedule: a :class:`sharpopt.schedules.Schedule` deciding which steps perturb
             (``EveryK``, ``Random``, ``Adaptive``, ``LatePhase``); default every ``k``.
@@ -55,16 +55,25 @@ class SAM(SharpnessAware):
             take a ``grad_scaler``.
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"`` (``$SHARPOPT_BACKEND`` replaces ``"auto"``).
-        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+        max_grad_norm: clip the direction handed to the base optimizer to this global norm
+            (``clip_grad_norm_``'s rule); None (default) does not clip.
+        check_finite: raise ``FloatingPointError`` on an inf/NaN gradient (no scaler).
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``eps``, ...).
+            A keyword both take is refused; ``sam_kwargs={...}`` / ``base_kwargs={...}``
+            say whose it is.
     """
 
     _centralize_direction = False
     _centralize_norm = False
+    _keyword_meanings = {
+        "adaptive": "switch to ASAM's adaptive perturbation", "eta": "ASAM's offset eta",
+        "k": "period of the two-pass step", "schedule": "which steps perturb (sharpopt.schedules)",
+    }
     #: Variants whose descent needs the first pass's gradient keep it as scratch "g0".
     _keeps_gradient = False
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
-                 eta=0.0, eps=1e-12, k=1, schedule=None, backend="auto", **base_kwargs):
+                 eta=0.0, perturb_eps=1e-12, k=1, schedule=None, backend="auto", **base_kwargs):
         _check_positive("eta", eta)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -78,7 +87,7 @@ class SAM(SharpnessAware):
         self.schedule = schedule
         self._decision = _Decision()
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive), eta=eta),
-                         backend=backend, eps=eps, **base_kwargs)
+                         backend=backend, perturb_eps=perturb_eps, **base_kwargs)
 
     def _check_group(self, group):
         super()._check_group(group)
@@ -170,7 +179,7 @@ class SAM(SharpnessAware):
             norm = norm * inv.to(norm.device)
             if not bool(torch.isfinite(norm)):   # the one host sync, as the unscale's
                 raise _SkipStep
-        denom = norm + self.eps
+        denom = norm + self.perturb_eps
         for b in buckets:
             scale = sign * self._on(self._rho(b.group), b.device) / denom.to(b.device)
             if inv is not None:
@@ -212,9 +221,9 @@ class ASAM(SAM):
     ``eta=0.01`` as in the paper (``eta=0`` gives the common wrapper's ``adaptive=True``).
     """
 
-    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.5, *, eta=0.01, eps=1e-12,
-                 k=1, schedule=None, backend="auto", **base_kwargs):
-        super().__init__(params, base_optimizer, rho, True, eta=eta, eps=eps, k=k,
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.5, *, eta=0.01,
+                 perturb_eps=1e-12, k=1, schedule=None, backend="auto", **base_kwargs):
+        super().__init__(params, base_optimizer, rho, True, eta=eta, perturb_eps=perturb_eps, k=k,
                          schedule=schedule, backend=backend, **base_kwargs)
 
 
@@ -235,14 +244,17 @@ class GCSAM(SAM):
     """
 
     _centralize_direction = True
+    _keyword_meanings = {"norm": "choice of the ascent norm ('centralized' or 'raw')"}
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
-                 norm="centralized", eta=0.0, eps=1e-12, k=1, schedule=None, backend="auto",
+                 norm="centralized", eta=0.0, perturb_eps=1e-12, k=1, schedule=None,
+                 backend="auto",
                  **base_kwargs):
         if norm not in ("centralized", "raw"):
             raise ValueError(f"norm must be 'centralized' (the paper) or 'raw' (the authors' "
                              f"code), got {norm!r}")
         self.norm = norm
         self._centralize_norm = norm == "centralized"
-        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps, k=k,
-                         schedule=schedule, backend=backend, **base_kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta,
+                         perturb_eps=perturb_eps, k=k, schedule=schedule, backend=backend,
+                         **base_kwargs)

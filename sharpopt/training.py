@@ -24,6 +24,14 @@ def freeze_bn_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         with sharpopt.freeze_bn_stats(model):
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
+
+    With ``opt.step(closure)``, freeze on the closure's second call (``opt.perturbed``)::
+
+        def closure():
+            with sharpopt.freeze_bn_stats(model) if opt.perturbed else contextlib.nullcontext():
+                loss = loss_fn(model(x), y)
+                loss.backward()
+            return loss
     """
     saved = []
     for module in model.modules():

@@ -22,9 +22,13 @@ class WSAM(SAM):
     """WSAM; see the module docstring for the update rule."""
 
     _keeps_gradient = True
+    _keyword_meanings = {
+        "gamma": "sharpness weight gamma", "decouple": "decoupled-update switch",
+        "max_norm": "clipping norm of g_p",
+    }
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, gamma=0.9, *,
-                 decouple=True, max_norm=None, adaptive=False, eta=0.0, eps=1e-12,
+                 decouple=True, max_norm=None, adaptive=False, eta=0.0, perturb_eps=1e-12,
                  schedule=None, backend="auto", **base_kwargs):
         if not (isinstance(gamma, (int, float)) and 0 <= gamma < 1):
             raise ValueError(f"gamma must be in [0, 1), got {gamma!r}")
@@ -34,7 +38,7 @@ class WSAM(SAM):
         self.alpha = self.gamma / (1.0 - self.gamma)
         self.decouple = bool(decouple)
         self.max_norm = max_norm
-        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, eps=eps,
+        super().__init__(params, base_optimizer, rho, adaptive, eta=eta, perturb_eps=perturb_eps,
                          schedule=schedule, backend=backend, **base_kwargs)
 
     def _descent(self, buckets: List[Bucket]) -> None:

@@ -278,7 +278,7 @@ def test_unknown_backend_is_a_clear_error():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(rho=-0.1), "rho must be"),
     (dict(rho=float("nan")), "rho must be"),
-    (dict(eps=0.0), "eps must be"),
+    (dict(perturb_eps=0.0), "perturb_eps must be"),
     (dict(k=0), "k must be"),
     (dict(eta=-1.0), "eta must be"),
 ])

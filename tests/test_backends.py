@@ -190,3 +190,51 @@ def test_two_pass_api_matches_reference(fast_backend):
             closure_for(m, x, y)()
             o.second_step(zero_grad=True)
         compare(step, ref_model, model, ref_opt, opt, dtype)
+
+
+class _LateBranch(torch.nn.Module):
+    """A trunk used by every forward and a branch used only when ``use_branch`` is set, so
+    the branch's parameters get a gradient in the second pass of a step and not the first
+    (stochastic depth, conditional branches, MoE routing)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Linear(5, 7)
+        self.branch = torch.nn.Linear(7, 7)
+        self.head = torch.nn.Linear(7, 3)
+        self.use_branch = False
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        if self.use_branch:
+            h = h + torch.tanh(self.branch(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("base", ["SGD-nesterov-wd", "AdamW-amsgrad"])
+@pytest.mark.parametrize("algo", ["SAM", "ASAM", "GCSAM", "GSAM", "WSAM", "LookSAM",
+                                  "FriendlySAM"])
+def test_gradient_only_in_second_pass_is_stepped(fast_backend, algo, base):
+    """Rule: a parameter whose gradient appears only in the second pass is updated by the
+    base optimizer on that gradient, as torch.optim (and ``reference``) would; the fused
+    paths used to skip it."""
+    cls, kwargs = ALGORITHMS[algo]
+    base_cls, base_kwargs = BASES[base]
+    ref_model = _LateBranch()
+    model = copy.deepcopy(ref_model)
+    ref_opt = cls(ref_model.parameters(), base_cls, backend="reference", **kwargs, **base_kwargs)
+    opt = cls(model.parameters(), base_cls, backend=fast_backend, **kwargs, **base_kwargs)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        x, y = torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            m.use_branch = False
+            F.cross_entropy(m(x), y).backward()
+            if o.first_step(zero_grad=True):
+                m.use_branch = True
+                F.cross_entropy(m(x), y).backward()
+                o.second_step(zero_grad=True)
+        compare(step, ref_model, model, ref_opt, opt, torch.float32)
+    assert not torch.equal(model.branch.weight, _LateBranch().branch.weight), \
+        "the branch was never stepped"

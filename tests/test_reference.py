@@ -2,7 +2,7 @@
 
 The losses are chosen so every gradient has a closed form (``L = ½ Σ c·w²`` gives
 ``g = c ⊙ w``; ``L = ¼ Σ w⁴`` gives ``g = w³``), and the expected weights are written from
-the SPEC's formulas with numpy in fp64. Each case is built so that a wrong sign, a missing
+the formulas of docs/algorithms.md with numpy in fp64. Each case is built so that a wrong sign, a missing
 square, the wrong norm or a missing restore changes the answer. They run on ``reference``
 and on every fast backend present.
 """

@@ -360,7 +360,7 @@ def test_ascent_traces_to_one_graph_without_host_sync():
         first = torch.compile(lambda: opt.first_step(), backend="aot_eager", fullgraph=True)
         F.cross_entropy(model(x), y).backward()
         if check_finite:
-            with pytest.raises(Exception, match="item|graph break|Unsupported"):
+            with pytest.raises(Exception, match="item|graph break|Unsupported|data-dependent"):
                 first()
         else:
             assert first() is True
@@ -420,6 +420,48 @@ def test_cuda_graph_replay_matches_eager_steps(gpu_backend, base, bkw):
         for name in state:
             torch.testing.assert_close(state[name], ref_state[name],
                                        msg=lambda m: f"param {i}, {name}: {m}")
+
+
+@pytest.mark.parametrize("base", [torch.optim.Adam, torch.optim.AdamW])
+def test_fused_adam_refuses_capture_without_capturable(backend, base, monkeypatch):
+    """Rule: a fused Adam/AdamW update is never captured with ``capturable=False`` (its step
+    count is read on the host, so a replay would repeat one bias correction forever): it
+    raises, naming ``capturable``, with the weights restored to ``w`` and the state as it
+    was. ``reference`` runs torch.optim's own step, whose own capture checks apply. The
+    capture is faked (no GPU needed): the refusal does not depend on the device."""
+    x, y = batch()
+    model = net()
+    opt = sharpopt.SAM(model.parameters(), base, rho=0.1, lr=1e-2, backend=backend,
+                       check_finite=False)
+    _two_pass(model, x, y, opt.first_step, opt.second_step)      # the state exists
+    snap = snapshot(model, opt)
+    F.cross_entropy(model(x), y).backward()
+    assert opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    monkeypatch.setattr(sharpopt._core, "_capturing", lambda: True)
+    if backend == "reference":
+        opt.second_step()
+        return
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        opt.second_step()
+    assert opt._run.perturbed is None
+    assert_unchanged(model, opt, snap, f"{base.__name__}: refused capture")
+
+
+def test_check_finite_refuses_capture_before_changing_anything(monkeypatch):
+    """Rule: the default inf/NaN check reads a flag on the host, which a CUDA-graph capture
+    cannot do, so a captured step with ``check_finite=True`` raises a clear error (naming
+    ``check_finite=False``) before the weights move. The capture is faked."""
+    x, y = batch()
+    model = net()
+    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    _two_pass(model, x, y, opt.first_step, opt.second_step)
+    snap = snapshot(model, opt)
+    F.cross_entropy(model(x), y).backward()
+    monkeypatch.setattr(sharpopt._core, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="check_finite=False"):
+        opt.first_step()
+    assert_unchanged(model, opt, snap, "refused capture")
 
 
 # -- distributed (2 processes, gloo, CPU) ------------------------------------------------

@@ -7,6 +7,8 @@
 // number of threads.
 #include <torch/extension.h>
 
+#include "sharpopt_checks.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -245,8 +247,10 @@ void for_units(const std::vector<Unit>& units, const Fn& fn) {
 }
 
 // ---------------------------------------------------------------------------------
-// Argument checks. Lists hold dense contiguous CPU tensors of one dtype; entry i of every
-// list has the numel of params[i].
+// Argument checks. Lists hold dense, non-overlapping CPU tensors of one dtype; entry i of
+// every list has the numel of params[i] and its memory order: the passes walk all operands
+// of a parameter as one flat array, which is right for contiguous and channels_last alike
+// as long as they are laid out the same way.
 // ---------------------------------------------------------------------------------
 void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, const char* what) {
   TORCH_CHECK(ts.size() == like.size(), "sharpopt cpu: ", what, " has ", ts.size(),
@@ -257,7 +261,7 @@ void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, 
                 "] must be a CPU tensor");
     TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt cpu: ", what, "[", i,
                 "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "sharpopt cpu: ", what, "[", i, "] must be contiguous");
+    sharpopt::check_layout(t, like[i], "cpu", what, i);
     TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt cpu: ", what, "[", i, "] has ",
                 t.numel(), " elements, expected ", like[i].numel());
   }
@@ -277,6 +281,7 @@ float* row_means_ptr(const std::vector<OptTensor>& rm, size_t i, const Tensor& g
   if (rm.empty() || !rm[i].has_value() || !rm[i]->defined()) return nullptr;
   const Tensor& m = *rm[i];
   TORCH_CHECK(g.dim() > 1, "sharpopt cpu: row_means[", i, "] given for a tensor with dim <= 1");
+  sharpopt::check_rows(g, "cpu", i);
   TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
                   m.numel() == g.size(0),
               "sharpopt cpu: row_means[", i, "] must be a contiguous fp32 CPU tensor of ",

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/sharpopt_cuda.h"
+#include "sharpopt_checks.h"
 
 namespace {
 
@@ -40,7 +41,7 @@ void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, 
                 what, "[", i, "] must be on ", like[0].device());
     TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt cuda: ", what, "[", i,
                 "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "sharpopt cuda: ", what, "[", i, "] must be contiguous");
+    sharpopt::check_layout(t, like[i], "cuda", what, i);
     TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt cuda: ", what, "[", i, "] has ",
                 t.numel(), " elements, expected ", like[i].numel());
   }
@@ -64,6 +65,7 @@ float* row_means_ptr(const std::vector<OptTensor>& rm, size_t i, const Tensor& g
   if (rm.empty() || !rm[i].has_value() || !rm[i]->defined()) return nullptr;
   const Tensor& m = *rm[i];
   TORCH_CHECK(g.dim() > 1, "sharpopt cuda: row_means[", i, "] given for a tensor with dim <= 1");
+  sharpopt::check_rows(g, "cuda", i);
   TORCH_CHECK(m.device() == g.device() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
                   m.numel() == g.size(0),
               "sharpopt cuda: row_means[", i, "] must be a contiguous fp32 tensor of ", g.size(0),
@@ -253,6 +255,18 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
                          c10::cuda::getCurrentCUDAStream()));
 }
 
+// The MSAM kernels read the move-back scale from device memory (their arguments have no
+// room for a by-value copy): a Python float or a host tensor is copied to the device first.
+sc::DevScalar msam_back_scalar(double back, const OptTensor& back_t, bool has_back,
+                               const Tensor& like, std::vector<Tensor>& keep) {
+  sc::DevScalar b = dev_scalar(back, back_t, like.device(), keep);
+  if (has_back && !b.f32 && !b.f64) {
+    keep.push_back(at::full({}, b.value, like.options().dtype(at::kDouble)));
+    b.f64 = keep.back().data_ptr<double>();
+  }
+  return b;
+}
+
 // MSAM's fused step (see sharpopt.backends.base.Ops.msam_sgd / msam_adam); returns the
 // sum of squares of the updated momentum as a 0-dim device tensor.
 Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
@@ -268,7 +282,7 @@ Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   check_list(bufs, params, "momentum_buffers");
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<Tensor> keep;
-  const sc::DevScalar b = dev_scalar(back, back_t, params[0].device(), keep);
+  const sc::DevScalar b = msam_back_scalar(back, back_t, has_back, params[0], keep);
   const auto args = sharpopt::math::make_sgd_args(lr, weight_decay, momentum, dampening, nesterov,
                                                    maximize, init_buffers);
   const int n = int(params.size());
@@ -299,7 +313,7 @@ Tensor msam_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<Tensor> keep;
-  const sc::DevScalar b = dev_scalar(back, back_t, params[0].device(), keep);
+  const sc::DevScalar b = msam_back_scalar(back, back_t, has_back, params[0], keep);
   const auto args = sharpopt::math::make_adam_args(step, lr, beta1, beta2, eps, weight_decay,
                                                     decoupled, amsgrad, maximize);
   const int n = int(params.size());

@@ -25,7 +25,8 @@ import torch
 
 from .base import Ops
 
-__all__ = ["BackendUnavailable", "resolve", "available_backends", "BACKENDS", "ENV_VAR"]
+__all__ = ["BackendUnavailable", "resolve", "is_forced", "available_backends", "BACKENDS",
+           "ENV_VAR"]
 
 ENV_VAR = "SHARPOPT_BACKEND"
 log = logging.getLogger("sharpopt")
@@ -77,13 +78,24 @@ def _load(name: str) -> Ops:
     return ops
 
 
-def resolve(requested: str, device: torch.device) -> Ops:
-    """Return the backend to use for parameters on ``device``."""
+def _requested(requested: str) -> str:
+    """The backend asked for: ``requested``, with ``$SHARPOPT_BACKEND`` replacing ``auto``."""
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string, got {type(requested).__name__}")
     requested = requested.strip().lower()
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    return requested
+
+
+def is_forced(requested: str) -> bool:
+    """Whether ``requested`` names one backend (so it must run or raise) rather than auto."""
+    return _requested(requested) != "auto"
+
+
+def resolve(requested: str, device: torch.device) -> Ops:
+    """Return the backend to use for parameters on ``device``."""
+    requested = _requested(requested)
     if requested != "auto":
         ops = _load(requested)
         if not ops.supports(device):

@@ -3,7 +3,7 @@
 Every algorithm in sharpopt is written once (in ``sharpopt/<algorithm>.py``) as a short
 sequence of the passes below. A backend is an object with these methods; the optimizer
 wrappers never touch a tensor's elements themselves. Adding a backend therefore means
-implementing these eight passes, and its tests are the same suite run against
+implementing these seven passes, and its tests are the same suite run against
 ``reference``.
 
 Conventions shared by every pass:
@@ -11,8 +11,14 @@ Conventions shared by every pass:
 * Every list argument holds tensors of **one device and one dtype** (the wrappers split
   mixed groups before calling), all of the same length ``n``. Entries are aligned by
   index: ``params[i]``, ``grads[i]``, ``saved[i]`` belong to the same parameter.
-* Tensors are dense and contiguous. ``params``, ``saved`` and the optimizer state have the
-  parameter's dtype; ``row_means`` buffers are fp32 (for fp64 parameters
+* Backends with ``requires_dense`` get tensors that are dense and non-overlapping, and
+  every operand of a parameter (gradient, saved copy, optimizer state) is laid out like
+  the parameter, so a pass may walk them all in memory order: contiguous and
+  channels_last alike. Where a pass centralises rows, each row ``g[r, ...]`` is one block
+  of memory (dim 0 is the outermost), which holds for both of those layouts.
+  :func:`layout_problem` is that rule; the wrappers send any other layout to ``foreach``
+  (or refuse it when the backend was asked for by name). The other backends take any
+  strides. ``params``, ``saved`` and the optimizer state have the parameter's dtype; ``row_means`` buffers are fp32 (for fp64 parameters
   too: the centralised direction then carries the mean to fp32 precision; the norm itself
   is accumulated in fp64).
 * Scalars (``scale``, the entries of ``coefs``) are Python floats or 0-dim fp32 tensors on
@@ -45,9 +51,10 @@ class Ops:
     #: backend merges the restore with the base update. ``reference`` says False: it
     #: restores and then lets ``torch.optim`` itself step, which is what defines the numbers.
     fuses_base_update: bool = True
-    #: True when the passes index raw memory: the wrappers then refuse non-contiguous
-    #: parameters with a clear error instead of letting a kernel read the wrong elements.
-    requires_contiguous: bool = False
+    #: True when the passes index raw memory in memory order: the wrappers then give them
+    #: only the layouts :func:`layout_problem` accepts, instead of letting a kernel read
+    #: the wrong elements.
+    requires_dense: bool = False
 
     def supports(self, device: torch.device) -> bool:
         """Whether this backend can run on tensors of ``device``."""
@@ -173,7 +180,6 @@ class Ops:
         """
         raise NotImplementedError
 
-
     # -- MSAM: the move back from w~, the base update and the momentum norm in one pass ----
     # The defaults below compose the primitive passes (three passes over the tensors); the
     # fused backends override them with one pass that also returns the norm.
@@ -239,6 +245,39 @@ class Ops:
                           weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                           maximize=maximize)
         return self.sumsq(exp_avgs, exp_avgs, adaptive=False, eta=0.0, centralize=False)
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same shape and the same memory order: equal strides on every dimension longer than
+    one (a size-1 dimension's stride is arbitrary and does not move any element)."""
+    return a.shape == b.shape and all(
+        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory exactly once, in some order of its
+    dimensions (contiguous, channels_last, a transpose of either...)."""
+    expected = 1
+    for stride, n in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
+def layout_problem(p: Tensor, g: Optional[Tensor], *, rows: bool) -> Optional[str]:
+    """Why a ``requires_dense`` backend cannot run parameter ``p`` with gradient ``g``
+    (None when it can): both dense and non-overlapping and laid out alike, and, with
+    ``rows`` (gradient centralisation), each row ``p[r, ...]`` one block of memory."""
+    if p.is_contiguous() and (g is None or g.is_contiguous()):
+        return None                               # the common case, decided in C++
+    if not is_dense(p):
+        return "it is not dense (a strided view or an overlapping tensor)"
+    if g is not None and not same_layout(p, g):
+        return f"its gradient has other strides {tuple(g.stride())}"
+    if rows and p.dim() > 1 and p.shape[0] > 1 and 0 < p.numel() != p.stride(0) * p.shape[0]:
+        return "gradient centralisation needs each row in one block of memory (dim 0 outermost)"
+    return None
 
 
 def centralize_dims(t: Tensor) -> tuple:

@@ -1,6 +1,6 @@
 """Backend ``cpu``: the fused passes as one compiled C++ call per pass over a tensor list.
 
-Each pass reads and writes every tensor once (the SPEC's "ideal fused" byte counts), runs on
+Each pass reads and writes every tensor once (the fused byte counts of docs/byte-model.md), runs on
 all threads of ``torch.get_num_threads()`` through ``at::parallel_for``, and vectorises with
 ATen's ``at::vec``. The per-element math is ``csrc/sharpopt_math.h``, shared with the
 ``cuda`` backend. Reductions cut the work into shape-determined units and add the unit
@@ -33,7 +33,7 @@ def _opt(row_means: Optional[Sequence[Optional[Tensor]]]) -> List[Optional[Tenso
 class CpuOps(Ops):
     name = "cpu"
     fuses_base_update = True
-    requires_contiguous = True
+    requires_dense = True
 
     def __init__(self, ext) -> None:
         self._ext = ext

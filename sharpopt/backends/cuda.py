@@ -1,12 +1,14 @@
 """Backend ``cuda``: the fused passes as hand-written CUDA kernels.
 
 The same per-element math as the ``cpu`` backend (``csrc/sharpopt_math.h``), launched
-through sharpopt's own multi-tensor apply: one launch covers a table of (tensor, chunk)
-blocks, loads are 16-byte vectors when every pointer of a chunk is aligned, and a list
-that does not fit one table takes several launches. ``sumsq`` and ``dot`` are two-stage
-reductions (per-block partials, then one block adds them in a fixed order): deterministic,
-and the result stays on the device. Scalars given as 0-dim tensors are read by the kernels
-from device memory, so no pass synchronises with the host.
+through sharpopt's own multi-tensor apply: one launch covers a table of tensors passed as
+the kernel argument (under 4 KiB; each block finds its tensor and chunk in it), loads are
+16-byte vectors when every pointer of a chunk is aligned, and a list whose tensors do not
+fit one table (66 to 198 tensors, by the number of operand lists) takes several launches.
+``sumsq`` and ``dot`` are two-stage reductions (per-block partials, then one block adds
+them in a fixed order): deterministic, and the result stays on the device. Scalars given
+as 0-dim tensors are read by the kernels from device memory, so no pass synchronises with
+the host.
 
 The kernels (``csrc/cuda/sharpopt_kernels.cu``) include no torch header; the binding
 (``csrc/cuda/sharpopt_cuda.cpp``) validates the lists, takes the current stream and

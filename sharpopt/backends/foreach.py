@@ -2,7 +2,7 @@
 
 Runs wherever PyTorch runs. It launches one op per list instead of one per tensor, but
 each op still reads and writes whole tensors, so a step moves roughly the byte count of
-the "torch _foreach ops" row of the SPEC's byte model and allocates temporaries. Only
+the "torch _foreach ops" row of docs/byte-model.md and allocates temporaries. Only
 gradient centralisation needs a per-tensor op (the row means), and only for tensors with
 ``dim > 1``.
 """

@@ -1,8 +1,8 @@
 """Backend ``reference``: one tensor at a time, in plain eager PyTorch.
 
 This is the definition of the numbers. Each pass is written to be read next to
-``SPEC.md`` and ``base.py``, not to be fast: arithmetic on low-precision tensors is done
-in fp32 (fp64 stays fp64) and rounded once when stored. The base optimizer's update is not
+``docs/algorithms.md`` and ``base.py``, not to be fast: arithmetic on low-precision tensors
+is done in fp32 (fp64 stays fp64) and rounded once when stored. The base optimizer's update is not
 re-implemented here: the wrappers restore the weights and then call ``torch.optim``'s own
 ``step()`` (``fuses_base_update = False``), so every fused backend is checked against
 torch.optim itself.

@@ -41,7 +41,7 @@ def load() -> Ops:
 class TritonOps(Ops):
     name = "triton"
     fuses_base_update = True
-    requires_contiguous = True
+    requires_dense = True
 
     def __init__(self):
         from ..kernels import lincomb, msam, norm, perturb, restore_update

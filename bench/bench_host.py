@@ -1,0 +1,122 @@
+"""Host cost per tensor of one optimizer step: what the Python side and the launches cost.
+
+On a GPU a step's time is set by the host once the kernels are fast: the Python work per
+tensor, host syncs and launches. This benchmark makes that cost visible on any machine by
+giving every parameter one element, so the data work is nothing and the time is the
+host's. For each tensor count (160, about a ResNet-50; 1200, a large transformer's count)
+it times, interleaved round-robin and reported as the median (with best and spread):
+
+* the whole public SAM step, ``first_step()`` + ``second_step()``, of each sharpopt
+  backend present (``triton`` is left out under the interpreter, whose per-operation cost
+  is not the compiled launcher's), with the library defaults (``check_finite=True``) and
+  with ``check_finite=False``;
+* torch's own *single* base step for comparison: ``SGD``/``AdamW`` with ``fused=True``
+  and with ``foreach=True``.
+
+The figure is µs per tensor (median time / tensor count). A SAM step is two optimizer
+passes to torch's one, so "no more than torch's fused single step" is a demanding bar.
+
+    python -m bench.bench_host [--tensors 160,1200] [--repeat 200] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import sharpopt
+from sharpopt.backends import BackendUnavailable, resolve
+
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+         "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))}
+
+
+def _params(n: int) -> List[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(1, generator=g)) for _ in range(n)]
+    for p in ps:
+        p.grad = torch.randn(1, generator=g) * 1e-3
+    return ps
+
+
+def steps(n: int, base: str) -> Dict[str, Callable[[], None]]:
+    """Name -> one step over ``n`` one-element parameters (each callable owns its copy)."""
+    cls, kw = BASES[base]
+    out: Dict[str, Callable[[], None]] = {}
+    for backend in ("cpu", "foreach", "reference"):
+        try:
+            resolve(backend, torch.device("cpu"))
+        except BackendUnavailable:
+            continue
+        for check in (True, False):
+            opt = sharpopt.SAM(_params(n), cls, rho=0.05, backend=backend, check_finite=check,
+                               **kw)
+
+            def sam(opt=opt):
+                opt.first_step()
+                opt.second_step()
+            out[f"sharpopt {backend} SAM step" + ("" if check else ", check_finite=False")] = sam
+    for flag in ("fused", "foreach"):
+        opt = cls(_params(n), **kw, **{flag: True})
+        out[f"torch {cls.__name__}({flag}=True) single step"] = opt.step
+    return out
+
+
+def run(n: int, base: str, repeat: int, warmup: int = 20) -> Dict[str, dict]:
+    fns = steps(n, base)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeat):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    out = {}
+    for k, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        out[k] = {"median_us_per_tensor": q[1] / n * 1e6, "best_us_per_tensor": min(ts) / n * 1e6,
+                  "q25_us_per_tensor": q[0] / n * 1e6, "q75_us_per_tensor": q[2] / n * 1e6,
+                  "median_ms": q[1] * 1e3}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tensors", default="160,1200")
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the host path, not the thread pool, is timed)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python -m bench.bench_host " + " ".join(argv or []),
+              "machine": platform.machine(), "processor": platform.processor(),
+              "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+              "sharpopt": sharpopt.__version__, "results": {}}
+    for n in (int(x) for x in args.tensors.split(",")):
+        for base in BASES:
+            res = run(n, base, args.repeat)
+            record["results"][f"{n} tensors, {base}"] = res
+            print(f"\n{n} one-element tensors, base {base}: µs per tensor (median, best, q25-q75)")
+            for k, v in res.items():
+                print(f"  {k:58s} {v['median_us_per_tensor']:6.2f}  {v['best_us_per_tensor']:6.2f}"
+                      f"  {v['q25_us_per_tensor']:.2f}-{v['q75_us_per_tensor']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main()
