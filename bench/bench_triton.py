@@ -3,7 +3,7 @@
     python bench/bench_triton.py                 # on a CUDA GPU
     python bench/bench_triton.py --interpret     # tiny sizes on CPU under Triton's interpreter
     python bench/bench_triton.py --ptx 90        # no GPU needed: compile every kernel for
-                                                 # sm_90 and count its global accesses
+                                                 # sm_90 and check its PTX (ptx_check.py)
 
 Measures, in one run:
 
@@ -189,7 +189,7 @@ def main():
                                           "bench_triton.jsonl"))
     ap.add_argument("--ptx", type=int, metavar="SM",
                     help="compile the kernels for this compute capability (e.g. 90) without "
-                         "a GPU and print the widths of their global loads and stores")
+                         "a GPU and check their PTX (bench/ptx_check.py)")
     args = ap.parse_args()
     if args.ptx:
         return ptx_report(args.ptx)
@@ -295,55 +295,12 @@ def graph_rows(ops, pb, device, reps, report, size, results):
 
 
 def ptx_report(sm: int):
-    """Compile each kernel's main variants ahead of time and count ld/st.global by width:
-    the flat passes should use 16-byte accesses (v4.b32) when the tables are aligned."""
-    import re
-    from collections import Counter
-
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("--ptx needs the compiler: unset TRITON_INTERPRET")
-    from sharpopt.kernels import lincomb, norm, perturb, restore_update
-
-    f32, common = tl.float32, dict(ALIGNED=True, BLOCK=1024, CHUNK=16384)
-    table = {"table": "*i64", "ntensors": "i64"}
-    cases = [
-        ("sumsq (ASAM)", norm._flat_kernel, {**table, "partials": "*fp32", "first": "i64",
-                                             "eta": "fp64"},
-         dict(MODE=norm.ASUMSQ, DT=f32, ACC=f32, **common)),
-        ("sumsq rows (GC)", norm._rows_kernel, {**table, "partials": "*fp32", "first": "i64",
-                                                "eta": "fp64"},
-         dict(ADAPTIVE=False, CENTRALIZE=True, DT=f32, ACC=f32, ROWS=4, COLS=1024)),
-        ("perturb bf16", perturb._perturb_kernel, {**table, "scale_ptr": "*fp32",
-                                                   "scale_val": "fp64", "eta": "fp64"},
-         dict(SAVE=True, ADAPTIVE=False, DT=tl.bfloat16, ACC=f32, **common)),
-        ("lincomb 2 terms", lincomb._lincomb_kernel,
-         {**table, "c0_ptr": "*fp32", "c0_val": "fp64", "c1_ptr": "*fp32", "c1_val": "fp64",
-          "c2_ptr": "constexpr", "c2_val": "fp64"},
-         dict(c2_ptr=None, NTERMS=2, COPY=False, DT=f32, ACC=f32, **common)),
-        ("restore+SGD-momentum", restore_update._sgd_kernel,
-         {**table, "lr": "fp64", "wd": "fp64", "mom": "fp64", "damp1": "fp64"},
-         dict(HAS_SAVED=True, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, INIT=False,
-              DT=f32, ACC=f32, **common)),
-        ("restore+AdamW", restore_update._adam_kernel,
-         {**table, **{k: "fp64" for k in ("wd", "decay", "beta1c", "beta2", "beta2c",
-                                          "step_size", "bc2_sqrt", "eps")}},
-         dict(HAS_SAVED=True, DECOUPLED=True, AMSGRAD=False, MAXIMIZE=False, DT=f32, ACC=f32,
-              **common)),
-    ]
-    for name, fn, sig, consts in cases:
-        signature = {a: "constexpr" if a in consts else sig[a] for a in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                                  target=GPUTarget("cuda", sm, 32),
-                                  options={"enable_fp_fusion": False, "num_warps": 4})
-        ptx = compiled.asm["ptx"]
-        counts = Counter(re.findall(r"(?:ld|st)\.global(?:\.\w+)*", ptx))
-        print(f"{name:22s} " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    """Compile every kernel variant for sm_<sm> without a GPU and check the PTX (tail
+    guards, 16-byte accesses, spills): see ``bench/ptx_check.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import ptx_check
+    return ptx_check.main(["--sm", str(sm)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,17 +21,18 @@ from .tables import device_fn, block_of, load, pointer, scalar_value, store
 def _lincomb_block(o_ptr, x0, x1, x2, c0, c1, c2, off, stop, NTERMS: tl.constexpr,
                    COPY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                    MASKED: tl.constexpr):
-    offs = off + tl.arange(0, BLOCK)
+    lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
+    o_ptr, x0, x1, x2 = o_ptr + off, x0 + off, x1 + off, x2 + off
     if COPY:
         # No arithmetic: the stored bits are the loaded bits (restore must be exact).
-        store(o_ptr, offs, load(x0, offs, stop, MASKED), stop, MASKED)
+        store(o_ptr, lanes, load(x0, lanes, left, MASKED), left, MASKED)
     else:
-        acc = c0 * load(x0, offs, stop, MASKED).to(ACC)
+        acc = c0 * load(x0, lanes, left, MASKED).to(ACC)
         if NTERMS > 1:
-            acc = acc + c1 * load(x1, offs, stop, MASKED).to(ACC)
+            acc = acc + c1 * load(x1, lanes, left, MASKED).to(ACC)
         if NTERMS > 2:
-            acc = acc + c2 * load(x2, offs, stop, MASKED).to(ACC)
-        store(o_ptr, offs, acc, stop, MASKED)
+            acc = acc + c2 * load(x2, lanes, left, MASKED).to(ACC)
+        store(o_ptr, lanes, acc, left, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors"])
@@ -40,8 +41,8 @@ def _lincomb_kernel(table, ntensors, c0_ptr, c0_val: tl.float64, c1_ptr, c1_val:
                     DT: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     # Operand lists of the table: 0 out, 1..3 the terms (absent ones are 0).
-    t, start, n, _, _ = block_of(table, ntensors, 4)
-    start = tl.multiple_of(start, CHUNK)
+    t, chunk, n, _, _ = block_of(table, ntensors, 4)
+    start = chunk * CHUNK  # a multiple of CHUNK the compiler can see
     o_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
     x0 = pointer(table, ntensors, t, 1, DT, ALIGNED)
     x1 = pointer(table, ntensors, t, 2, DT, ALIGNED)
@@ -54,9 +55,11 @@ def _lincomb_kernel(table, ntensors, c0_ptr, c0_val: tl.float64, c1_ptr, c1_val:
     for off in range(start, full, BLOCK):
         _lincomb_block(o_ptr, x0, x1, x2, c0, c1, c2, off, stop, NTERMS, COPY, ACC, BLOCK,
                        False)
-    if full < stop:
-        _lincomb_block(o_ptr, x0, x1, x2, c0, c1, c2, full, stop, NTERMS, COPY, ACC, BLOCK,
-                       True)
+    # The masked tail in half vectors: with 8 elements per thread the 8 live
+    # per-element predicates exceed the 7 predicate registers and spill.
+    for off in range(full, stop, BLOCK // 2):
+        _lincomb_block(o_ptr, x0, x1, x2, c0, c1, c2, off, stop, NTERMS, COPY, ACC,
+                       BLOCK // 2, True)
 
 
 def _launch(out, xs, coefs, copy: bool) -> None:

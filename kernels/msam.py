@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import tables as tb
 from .norm import _finish
-from .tables import device_fn, block_of, div, load, pointer, scalar_value, sqrt, store
+from .tables import (ROUND_BF16, _bf16_rne, block_of, device_fn, div, load, pointer,
+                     scalar_value, sqrt, store)
 
 
 # The update arithmetic below is restore_update.py's, operation by operation (a test holds
@@ -65,15 +66,18 @@ def _adam_math(w, g, m, v, vmax, wd, decay, beta1c, beta2, beta2c, step_size, bc
 
 
 @device_fn
-def _stored_square(p, offs, x, stop, DT: tl.constexpr, ACC: tl.constexpr,
-                   MASKED: tl.constexpr):
-    """x² of the value just stored at ``p`` (x itself unless the store rounded it)."""
+def _stored_square(x, lanes, left, DT: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """x² of the value ``store`` writes for ``x`` (rounded to DT the way it rounds), in
+    registers: reading the stored vector back would cost a load, and in the 16-bit masked
+    tail the compiler pairs such reloads under one predicate."""
     if DT == ACC:
         r = x
+    elif ROUND_BF16 and DT == tl.bfloat16:
+        r = _bf16_rne(x).to(ACC)
     else:
-        r = load(p, offs, stop, MASKED).to(ACC)
+        r = x.to(DT).to(ACC)
     if MASKED:
-        r = tl.where(offs < stop, r, 0.0)
+        r = tl.where(lanes < left, r, 0.0)
     return r * r
 
 
@@ -82,20 +86,23 @@ def _msam_sgd_block(w_ptr, g_ptr, b_ptr, off, stop, back, lr, wd, mom, damp1,
                     HAS_BACK: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                     INIT: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr,
                     BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    offs = off + tl.arange(0, BLOCK)
-    w = load(w_ptr, offs, stop, MASKED).to(ACC)
-    g = load(g_ptr, offs, stop, MASKED).to(ACC)
+    # As the other flat passes: pointers advanced to the vector, int32 lanes, and the
+    # number of elements left for the mask (see tables.load).
+    lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
+    w_ptr, g_ptr, b_ptr = w_ptr + off, g_ptr + off, b_ptr + off
+    w = load(w_ptr, lanes, left, MASKED).to(ACC)
+    g = load(g_ptr, lanes, left, MASKED).to(ACC)
     if INIT:
         b = tl.zeros([BLOCK], ACC)
     else:
-        b = load(b_ptr, offs, stop, MASKED).to(ACC)
+        b = load(b_ptr, lanes, left, MASKED).to(ACC)
     if HAS_BACK:
         w = w + back * b
     w, b = _sgd_math(w, g, b, lr, wd, mom, damp1, NESTEROV, MAXIMIZE, INIT)
-    store(b_ptr, offs, b, stop, MASKED)
-    store(w_ptr, offs, w, stop, MASKED)
+    store(b_ptr, lanes, b, left, MASKED)
+    store(w_ptr, lanes, w, left, MASKED)
     # The norm is of the stored (rounded) momentum, as the reference computes it.
-    return _stored_square(b_ptr, offs, b, stop, DT, ACC, MASKED)
+    return _stored_square(b, lanes, left, DT, ACC, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors", "first"])
@@ -105,8 +112,8 @@ def _msam_sgd_kernel(table, ntensors, partials, first, back_ptr, back_val: tl.fl
                      INIT: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr,
                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     # Operand lists of the table: 0 params, 1 grads, 2 momentum buffers.
-    t, start, n, _, _ = block_of(table, ntensors, 3)
-    start = tl.multiple_of(start, CHUNK)
+    t, chunk, n, _, _ = block_of(table, ntensors, 3)
+    start = chunk * CHUNK  # a multiple of CHUNK the compiler can see
     w_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
     g_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
     b_ptr = pointer(table, ntensors, t, 2, DT, ALIGNED)
@@ -121,10 +128,13 @@ def _msam_sgd_kernel(table, ntensors, partials, first, back_ptr, back_val: tl.fl
     for off in range(start, full, BLOCK):
         acc += _msam_sgd_block(w_ptr, g_ptr, b_ptr, off, stop, back, lr_, wd_, mom_, damp1_,
                                HAS_BACK, NESTEROV, MAXIMIZE, INIT, DT, ACC, BLOCK, False)
-    if full < stop:
-        acc += _msam_sgd_block(w_ptr, g_ptr, b_ptr, full, stop, back, lr_, wd_, mom_, damp1_,
-                               HAS_BACK, NESTEROV, MAXIMIZE, INIT, DT, ACC, BLOCK, True)
-    tl.store(partials + first + tl.program_id(0), tl.sum(acc, 0))
+    total = tl.sum(acc, 0)
+    # The masked tail in half vectors, as restore_update's (fewer live predicates).
+    for off in range(full, stop, BLOCK // 2):
+        total += tl.sum(_msam_sgd_block(w_ptr, g_ptr, b_ptr, off, stop, back, lr_, wd_, mom_,
+                                        damp1_, HAS_BACK, NESTEROV, MAXIMIZE, INIT, DT, ACC,
+                                        BLOCK // 2, True), 0)
+    tl.store(partials + first + tl.program_id(0), total)
 
 
 @device_fn
@@ -133,25 +143,27 @@ def _msam_adam_block(w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, back, wd, 
                      DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                      DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                      MASKED: tl.constexpr):
-    offs = off + tl.arange(0, BLOCK)
-    w = load(w_ptr, offs, stop, MASKED).to(ACC)
-    g = load(g_ptr, offs, stop, MASKED).to(ACC)
-    m = load(m_ptr, offs, stop, MASKED).to(ACC)
-    v = load(v_ptr, offs, stop, MASKED).to(ACC)
+    lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
+    w_ptr, g_ptr, m_ptr = w_ptr + off, g_ptr + off, m_ptr + off
+    v_ptr, vmax_ptr = v_ptr + off, vmax_ptr + off
+    w = load(w_ptr, lanes, left, MASKED).to(ACC)
+    g = load(g_ptr, lanes, left, MASKED).to(ACC)
+    m = load(m_ptr, lanes, left, MASKED).to(ACC)
+    v = load(v_ptr, lanes, left, MASKED).to(ACC)
     if AMSGRAD:
-        vmax = load(vmax_ptr, offs, stop, MASKED).to(ACC)
+        vmax = load(vmax_ptr, lanes, left, MASKED).to(ACC)
     else:
         vmax = v
     if HAS_BACK:
         w = w + back * m
     w, m, v, vmax = _adam_math(w, g, m, v, vmax, wd, decay, beta1c, beta2, beta2c, step_size,
                                bc2_sqrt, eps, DECOUPLED, AMSGRAD, MAXIMIZE, ACC)
-    store(m_ptr, offs, m, stop, MASKED)
-    store(v_ptr, offs, v, stop, MASKED)
+    store(m_ptr, lanes, m, left, MASKED)
+    store(v_ptr, lanes, v, left, MASKED)
     if AMSGRAD:
-        store(vmax_ptr, offs, vmax, stop, MASKED)
-    store(w_ptr, offs, w, stop, MASKED)
-    return _stored_square(m_ptr, offs, m, stop, DT, ACC, MASKED)
+        store(vmax_ptr, lanes, vmax, left, MASKED)
+    store(w_ptr, lanes, w, left, MASKED)
+    return _stored_square(m, lanes, left, DT, ACC, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors", "first"])
@@ -163,8 +175,8 @@ def _msam_adam_kernel(table, ntensors, partials, first, back_ptr, back_val: tl.f
                       ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                       CHUNK: tl.constexpr):
     # Operand lists of the table: 0 params, 1 grads, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq.
-    t, start, n, _, _ = block_of(table, ntensors, 5)
-    start = tl.multiple_of(start, CHUNK)
+    t, chunk, n, _, _ = block_of(table, ntensors, 5)
+    start = chunk * CHUNK  # a multiple of CHUNK the compiler can see
     w_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
     g_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
     m_ptr = pointer(table, ntensors, t, 2, DT, ALIGNED)
@@ -186,11 +198,13 @@ def _msam_adam_kernel(table, ntensors, partials, first, back_ptr, back_val: tl.f
         acc += _msam_adam_block(w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, back, wd_,
                                 decay_, beta1c_, beta2_, beta2c_, step_size_, bc2_sqrt_, eps_,
                                 HAS_BACK, DECOUPLED, AMSGRAD, MAXIMIZE, DT, ACC, BLOCK, False)
-    if full < stop:
-        acc += _msam_adam_block(w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, full, stop, back, wd_,
-                                decay_, beta1c_, beta2_, beta2c_, step_size_, bc2_sqrt_, eps_,
-                                HAS_BACK, DECOUPLED, AMSGRAD, MAXIMIZE, DT, ACC, BLOCK, True)
-    tl.store(partials + first + tl.program_id(0), tl.sum(acc, 0))
+    total = tl.sum(acc, 0)
+    for off in range(full, stop, BLOCK // 2):
+        total += tl.sum(_msam_adam_block(w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, back,
+                                         wd_, decay_, beta1c_, beta2_, beta2c_, step_size_,
+                                         bc2_sqrt_, eps_, HAS_BACK, DECOUPLED, AMSGRAD,
+                                         MAXIMIZE, DT, ACC, BLOCK // 2, True), 0)
+    tl.store(partials + first + tl.program_id(0), total)
 
 
 def _partials(plan, like: Tensor) -> Tensor:

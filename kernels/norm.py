@@ -28,13 +28,14 @@ FINISH_BLOCK = 32 if tb.INTERPRET else 1024
 @device_fn
 def _flat_terms(x_ptr, y_ptr, off, stop, eta, MODE: tl.constexpr, ACC: tl.constexpr,
                 BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    offs = off + tl.arange(0, BLOCK)
-    x = load(x_ptr, offs, stop, MASKED).to(ACC)
+    lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
+    x_ptr, y_ptr = x_ptr + off, y_ptr + off
+    x = load(x_ptr, lanes, left, MASKED).to(ACC)
     if MODE == 2:
-        v = x * load(y_ptr, offs, stop, MASKED).to(ACC)
+        v = x * load(y_ptr, lanes, left, MASKED).to(ACC)
     else:
         if MODE == 1:
-            x = x * (tl.abs(load(y_ptr, offs, stop, MASKED).to(ACC)) + eta)
+            x = x * (tl.abs(load(y_ptr, lanes, left, MASKED).to(ACC)) + eta)
         v = x * x
     return v
 
@@ -44,8 +45,8 @@ def _flat_kernel(table, ntensors, partials, first, eta: tl.float64, MODE: tl.con
                  DT: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """partials[first + p] = sum over this program's chunk of the MODE term."""
-    t, start, n, _, _ = block_of(table, ntensors, 2)
-    start = tl.multiple_of(start, CHUNK)
+    t, chunk, n, _, _ = block_of(table, ntensors, 2)
+    start = chunk * CHUNK  # a multiple of CHUNK the compiler can see
     x_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
     y_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
     e = tl.full([], eta, ACC)
@@ -54,9 +55,12 @@ def _flat_kernel(table, ntensors, partials, first, eta: tl.float64, MODE: tl.con
     acc = tl.zeros([BLOCK], ACC)
     for off in range(start, full, BLOCK):
         acc += _flat_terms(x_ptr, y_ptr, off, stop, e, MODE, ACC, BLOCK, False)
-    if full < stop:
-        acc += _flat_terms(x_ptr, y_ptr, full, stop, e, MODE, ACC, BLOCK, True)
-    tl.store(partials + first + tl.program_id(0), tl.sum(acc, 0))
+    # The masked tail in half vectors: with 8 elements per thread the 8 live
+    # per-element predicates exceed the 7 predicate registers and spill.
+    tail = tl.zeros([BLOCK // 2], ACC)
+    for off in range(full, stop, BLOCK // 2):
+        tail += _flat_terms(x_ptr, y_ptr, off, stop, e, MODE, ACC, BLOCK // 2, True)
+    tl.store(partials + first + tl.program_id(0), tl.sum(acc, 0) + tl.sum(tail, 0))
 
 
 @device_fn
@@ -81,7 +85,10 @@ def _rows_kernel(table, ntensors, partials, first, eta: tl.float64,
     """Whole rows ``[r0, r0 + ROWS)`` of one tensor viewed as (nrows, ncols): writes the row
     means of g where a means buffer is given, and partials[first + p] = sum of
     (T * C(g))^2 over the band (C only when CENTRALIZE). Centring is two-pass over the
-    band (the second read hits L2) to avoid the cancellation of sum(g^2) - n mean^2."""
+    band (the second read hits L2) to avoid the cancellation of sum(g^2) - n mean^2.
+
+    Each column tile is summed along its columns as soon as it is loaded, so the loop
+    carries [ROWS] accumulators and not [ROWS, COLS] tiles (which spilled registers)."""
     t, r0, _, ncols, nrows = block_of(table, ntensors, 3)
     g_ptr = pointer(table, ntensors, t, 0, DT, False)
     w_ptr = pointer(table, ntensors, t, 1, DT, False)
@@ -89,24 +96,24 @@ def _rows_kernel(table, ntensors, partials, first, eta: tl.float64,
     e = tl.full([], eta, ACC)
     rows = r0 + tl.arange(0, ROWS)
     rmask = rows < nrows
-    sums = tl.zeros([ROWS, COLS], ACC)
-    sq = tl.zeros([ROWS, COLS], ACC)
+    sums = tl.zeros([ROWS], ACC)
+    sq = tl.zeros([ROWS], ACC)
     for c0 in range(0, ncols, COLS):
         g, tt, mask = _row_tile(g_ptr, w_ptr, rows, rmask, ncols, c0, e, ADAPTIVE, ACC, COLS)
-        sums += g
+        sums += tl.sum(g, 1)
         if not CENTRALIZE:
             v = tt * g
-            sq += v * v
+            sq += tl.sum(v * v, 1)
     # An empty row gives 0/0 = nan, as torch's mean of nothing.
-    mean = div(tl.sum(sums, 1), tl.zeros([ROWS], ACC) + ncols.to(ACC), ACC)
+    mean = div(sums, tl.zeros([ROWS], ACC) + ncols.to(ACC), ACC)
     if means != 0:
         tl.store(means.to(tl.pointer_type(tl.float32)) + rows, mean.to(tl.float32), mask=rmask)
     if CENTRALIZE:
         for c0 in range(0, ncols, COLS):
             g, tt, mask = _row_tile(g_ptr, w_ptr, rows, rmask, ncols, c0, e, ADAPTIVE, ACC, COLS)
             v = tl.where(mask, tt * (g - mean[:, None]), 0.0)
-            sq += v * v
-    tl.store(partials + first + tl.program_id(0), tl.sum(tl.sum(sq, 1), 0))
+            sq += tl.sum(v * v, 1)
+    tl.store(partials + first + tl.program_id(0), tl.sum(sq, 0))
 
 
 @triton.jit

@@ -16,34 +16,43 @@ from torch import Tensor
 from . import tables as tb
 from .tables import device_fn, address, block_of, load, pointer, scalar_value, store
 
+
 @device_fn
 def _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, eta,
                    SAVE: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    lanes = tl.arange(0, BLOCK)
-    offs = off + lanes
+    lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
+    w_ptr, g_ptr, s_ptr = w_ptr + off, g_ptr + off, s_ptr + off
     if SAVE:
-        s = load(w_ptr, offs, stop, MASKED)
-        store(s_ptr, offs, s, stop, MASKED)
+        s = load(w_ptr, lanes, left, MASKED)
+        store(s_ptr, lanes, s, left, MASKED)
     else:
-        s = load(s_ptr, offs, stop, MASKED)
+        s = load(s_ptr, lanes, left, MASKED)
     s = s.to(ACC)
-    d = load(g_ptr, offs, stop, MASKED).to(ACC)
+    d = load(g_ptr, lanes, left, MASKED).to(ACC)
     if means != 0:
-        # Row of each element: one 64-bit division per vector, 32-bit ones per lane
-        # (a 64-bit division per element would make this pass compute bound).
+        # Row of each element, exact for any int64 size: one 64-bit division per vector,
+        # none in 64 bits per lane (that would make this pass compute bound). With
+        # rem = off - r0 ncols in [0, ncols), lane j is rem + j past the start of row r0.
+        # Rows shorter than a vector: rem and ncols fit in 32 bits, a 32-bit division per
+        # lane. Rows at least a vector long: the vector crosses at most one row end, a
+        # comparison per lane.
         r0 = off // ncols
-        row = r0 + ((off - r0 * ncols).to(tl.int32) + lanes) // ncols.to(tl.int32)
-        mp = means.to(tl.pointer_type(tl.float32))
-        if MASKED:
-            mu = tl.load(mp + row, mask=offs < stop, other=0.0)
+        rem = off - r0 * ncols
+        if ncols < BLOCK:
+            q = (rem.to(tl.int32) + lanes) // ncols.to(tl.int32)
         else:
-            mu = tl.load(mp + row)
+            q = (rem + lanes >= ncols).to(tl.int32)
+        mp = means.to(tl.pointer_type(tl.float32)) + r0
+        if MASKED:
+            mu = tl.load(mp + q, mask=lanes < left, other=0.0)
+        else:
+            mu = tl.load(mp + q)
         d = d - mu.to(ACC)
     if ADAPTIVE:
         t = tl.abs(s) + eta
         d = d * t * t
-    store(w_ptr, offs, s + scale * d, stop, MASKED)
+    store(w_ptr, lanes, s + scale * d, left, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors"])
@@ -52,8 +61,8 @@ def _perturb_kernel(table, ntensors, scale_ptr, scale_val: tl.float64, eta: tl.f
                     ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                     CHUNK: tl.constexpr):
     # Operand lists of the table: 0 params, 1 grads, 2 saved, 3 row means (0 = none).
-    t, start, n, ncols, _ = block_of(table, ntensors, 4)
-    start = tl.multiple_of(start, CHUNK)
+    t, chunk, n, ncols, _ = block_of(table, ntensors, 4)
+    start = chunk * CHUNK  # a multiple of CHUNK the compiler can see
     w_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
     g_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
     s_ptr = pointer(table, ntensors, t, 2, DT, ALIGNED)
@@ -65,9 +74,11 @@ def _perturb_kernel(table, ntensors, scale_ptr, scale_val: tl.float64, eta: tl.f
     for off in range(start, full, BLOCK):
         _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, e,
                        SAVE, ADAPTIVE, ACC, BLOCK, False)
-    if full < stop:
-        _perturb_block(w_ptr, g_ptr, s_ptr, means, full, stop, ncols, scale, e,
-                       SAVE, ADAPTIVE, ACC, BLOCK, True)
+    # The masked tail in half vectors: with 8 elements per thread the 8 live
+    # per-element predicates exceed the 7 predicate registers and spill.
+    for off in range(full, stop, BLOCK // 2):
+        _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, e,
+                       SAVE, ADAPTIVE, ACC, BLOCK // 2, True)
 
 
 def perturb(params: Sequence[Tensor], grads: Sequence[Tensor], saved: Sequence[Tensor],

@@ -21,41 +21,45 @@ from .tables import device_fn, block_of, div, load, pointer, sqrt, store
 
 
 @device_fn
-def _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, off, stop, lr, wd, mom, damp1,
+def _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, off, stop, lr, wd, mom, damp1, init,
                HAS_SAVED: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-               MAXIMIZE: tl.constexpr, INIT: tl.constexpr, ACC: tl.constexpr,
-               BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    offs = off + tl.arange(0, BLOCK)
+               MAXIMIZE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+               MASKED: tl.constexpr):
+    lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
+    w_ptr, s_ptr, g_ptr, b_ptr = w_ptr + off, s_ptr + off, g_ptr + off, b_ptr + off
     if HAS_SAVED:
-        w = load(s_ptr, offs, stop, MASKED).to(ACC)
+        w = load(s_ptr, lanes, left, MASKED).to(ACC)
     else:
-        w = load(w_ptr, offs, stop, MASKED).to(ACC)
-    d = load(g_ptr, offs, stop, MASKED).to(ACC)
+        w = load(w_ptr, lanes, left, MASKED).to(ACC)
+    d = load(g_ptr, lanes, left, MASKED).to(ACC)
     if MAXIMIZE:
         d = -d
     d = d + wd * w
     if MOMENTUM:
-        if INIT:
+        if init != 0:
             b = d
         else:
-            b = mom * load(b_ptr, offs, stop, MASKED).to(ACC) + damp1 * d
-        store(b_ptr, offs, b, stop, MASKED)
+            b = mom * load(b_ptr, lanes, left, MASKED).to(ACC) + damp1 * d
+        store(b_ptr, lanes, b, left, MASKED)
         if NESTEROV:
             d = d + mom * b
         else:
             d = b
-    store(w_ptr, offs, w - lr * d, stop, MASKED)
+    store(w_ptr, lanes, w - lr * d, left, MASKED)
 
 
-@triton.jit(do_not_specialize=["ntensors"])
+# ``init`` (the first step: the buffer becomes d) is a runtime argument, not a switch, and
+# is not specialised on its value: the second step must not compile a new variant, since
+# it may be the one captured in a CUDA graph, where loading a module is refused.
+@triton.jit(do_not_specialize=["ntensors", "init"])
 def _sgd_kernel(table, ntensors, lr: tl.float64, wd: tl.float64, mom: tl.float64,
-                damp1: tl.float64, HAS_SAVED: tl.constexpr, MOMENTUM: tl.constexpr,
-                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT: tl.constexpr,
-                DT: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
-                BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                damp1: tl.float64, init, HAS_SAVED: tl.constexpr, MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, DT: tl.constexpr,
+                ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                CHUNK: tl.constexpr):
     # Operand lists of the table: 0 params, 1 saved, 2 grads, 3 momentum buffers.
-    t, start, n, _, _ = block_of(table, ntensors, 4)
-    start = tl.multiple_of(start, CHUNK)
+    t, chunk, n, _, _ = block_of(table, ntensors, 4)
+    start = chunk * CHUNK  # a multiple of CHUNK the compiler can see
     w_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
     s_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
     g_ptr = pointer(table, ntensors, t, 2, DT, ALIGNED)
@@ -67,11 +71,13 @@ def _sgd_kernel(table, ntensors, lr: tl.float64, wd: tl.float64, mom: tl.float64
     stop = tl.minimum(start + CHUNK, n)
     full = start + (stop - start) // BLOCK * BLOCK
     for off in range(start, full, BLOCK):
-        _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, off, stop, lr_, wd_, mom_, damp1_, HAS_SAVED,
-                   MOMENTUM, NESTEROV, MAXIMIZE, INIT, ACC, BLOCK, False)
-    if full < stop:
-        _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, full, stop, lr_, wd_, mom_, damp1_, HAS_SAVED,
-                   MOMENTUM, NESTEROV, MAXIMIZE, INIT, ACC, BLOCK, True)
+        _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, off, stop, lr_, wd_, mom_, damp1_, init,
+                   HAS_SAVED, MOMENTUM, NESTEROV, MAXIMIZE, ACC, BLOCK, False)
+    # The masked tail in half vectors: with 8 elements per thread the 8 live
+    # per-element predicates exceed the 7 predicate registers and spill.
+    for off in range(full, stop, BLOCK // 2):
+        _sgd_block(w_ptr, s_ptr, g_ptr, b_ptr, off, stop, lr_, wd_, mom_, damp1_, init,
+                   HAS_SAVED, MOMENTUM, NESTEROV, MAXIMIZE, ACC, BLOCK // 2, True)
 
 
 @device_fn
@@ -79,29 +85,31 @@ def _adam_block(w_ptr, s_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, wd, deca
                 beta2, beta2c, step_size, bc2_sqrt, eps, HAS_SAVED: tl.constexpr,
                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 ACC: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    offs = off + tl.arange(0, BLOCK)
+    lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
+    w_ptr, s_ptr, g_ptr = w_ptr + off, s_ptr + off, g_ptr + off
+    m_ptr, v_ptr, vmax_ptr = m_ptr + off, v_ptr + off, vmax_ptr + off
     if HAS_SAVED:
-        w = load(s_ptr, offs, stop, MASKED).to(ACC)
+        w = load(s_ptr, lanes, left, MASKED).to(ACC)
     else:
-        w = load(w_ptr, offs, stop, MASKED).to(ACC)
-    d = load(g_ptr, offs, stop, MASKED).to(ACC)
+        w = load(w_ptr, lanes, left, MASKED).to(ACC)
+    d = load(g_ptr, lanes, left, MASKED).to(ACC)
     if MAXIMIZE:
         d = -d
     if DECOUPLED:
         w = w * decay
     else:
         d = d + wd * w
-    m = load(m_ptr, offs, stop, MASKED).to(ACC)
+    m = load(m_ptr, lanes, left, MASKED).to(ACC)
     m = m + beta1c * (d - m)
-    v = beta2 * load(v_ptr, offs, stop, MASKED).to(ACC) + beta2c * d * d
-    store(m_ptr, offs, m, stop, MASKED)
-    store(v_ptr, offs, v, stop, MASKED)
+    v = beta2 * load(v_ptr, lanes, left, MASKED).to(ACC) + beta2c * d * d
+    store(m_ptr, lanes, m, left, MASKED)
+    store(v_ptr, lanes, v, left, MASKED)
     if AMSGRAD:
-        v = tl.maximum(load(vmax_ptr, offs, stop, MASKED).to(ACC), v,
+        v = tl.maximum(load(vmax_ptr, lanes, left, MASKED).to(ACC), v,
                        propagate_nan=tl.PropagateNan.ALL)
-        store(vmax_ptr, offs, v, stop, MASKED)
+        store(vmax_ptr, lanes, v, left, MASKED)
     denom = div(sqrt(v, ACC), bc2_sqrt, ACC) + eps
-    store(w_ptr, offs, w - div(step_size * m, denom, ACC), stop, MASKED)
+    store(w_ptr, lanes, w - div(step_size * m, denom, ACC), left, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors"])
@@ -113,8 +121,8 @@ def _adam_kernel(table, ntensors, wd: tl.float64, decay: tl.float64, beta1c: tl.
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     # Operand lists of the table: 0 params, 1 saved, 2 grads, 3 exp_avg, 4 exp_avg_sq,
     # 5 max_exp_avg_sq.
-    t, start, n, _, _ = block_of(table, ntensors, 6)
-    start = tl.multiple_of(start, CHUNK)
+    t, chunk, n, _, _ = block_of(table, ntensors, 6)
+    start = chunk * CHUNK  # a multiple of CHUNK the compiler can see
     w_ptr = pointer(table, ntensors, t, 0, DT, ALIGNED)
     s_ptr = pointer(table, ntensors, t, 1, DT, ALIGNED)
     g_ptr = pointer(table, ntensors, t, 2, DT, ALIGNED)
@@ -135,10 +143,12 @@ def _adam_kernel(table, ntensors, wd: tl.float64, decay: tl.float64, beta1c: tl.
         _adam_block(w_ptr, s_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, wd_, decay_,
                     beta1c_, beta2_, beta2c_, step_size_, bc2_sqrt_, eps_, HAS_SAVED,
                     DECOUPLED, AMSGRAD, MAXIMIZE, ACC, BLOCK, False)
-    if full < stop:
-        _adam_block(w_ptr, s_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, full, stop, wd_, decay_,
+    # The masked tail in half vectors: with 8 elements per thread the 8 live
+    # per-element predicates exceed the 7 predicate registers and spill.
+    for off in range(full, stop, BLOCK // 2):
+        _adam_block(w_ptr, s_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, wd_, decay_,
                     beta1c_, beta2_, beta2c_, step_size_, bc2_sqrt_, eps_, HAS_SAVED,
-                    DECOUPLED, AMSGRAD, MAXIMIZE, ACC, BLOCK, True)
+                    DECOUPLED, AMSGRAD, MAXIMIZE, ACC, BLOCK // 2, True)
 
 
 def restore_sgd(params: Sequence[Tensor], saved: Optional[Sequence[Tensor]],
@@ -155,9 +165,9 @@ def restore_sgd(params: Sequence[Tensor], saved: Optional[Sequence[Tensor]],
     for ln in pl.launches:
         _sgd_kernel[(ln.nblocks,)](
             ln.table, ln.ntensors, float(lr), float(weight_decay), float(momentum),
-            float(1 - dampening),
+            float(1 - dampening), int(init_buffers),
             HAS_SAVED=saved is not None, MOMENTUM=has_momentum, NESTEROV=nesterov,
-            MAXIMIZE=maximize, INIT=init_buffers, DT=dt, ACC=acc, ALIGNED=ln.aligned,
+            MAXIMIZE=maximize, DT=dt, ACC=acc, ALIGNED=ln.aligned,
             BLOCK=tb.BLOCK, CHUNK=tb.CHUNK, **tb.launch_options())
 
 

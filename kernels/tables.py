@@ -8,15 +8,25 @@ buffer. Instead each launch gets one int64 table in device memory::
 Row ``k`` of the addresses holds ``data_ptr()`` of the ``k``-th operand list (0 where the
 list or the entry is absent); a kernel turns an address back into a typed pointer with
 ``tl.load(...).to(tl.pointer_type(DT))``, which works both compiled and under the
-interpreter on CPU tensors. Program ``p`` reads its (tensor, start) pair from the block
-part: a chunk of ``CHUNK`` elements for flat plans, a band of ``rows_per_tile(cols)``
-rows for row plans.
+interpreter on CPU tensors. Program ``p`` reads its (tensor, block) pair from the block
+part: the index of a chunk of ``CHUNK`` elements for flat plans (the kernel multiplies
+it by ``CHUNK``, so the compiler knows the start's divisibility), the first row of a
+band of ``rows_per_tile(cols)`` rows for row plans.
 
 Tables are cached per parameter set (keyed on the addresses and sizes), since building
 and copying them costs more than the kernels on small models. A plan is split into
 several launches when one table would hold more than ``MAX_TENSORS`` tensors or
 ``MAX_BLOCKS`` programs; reductions then write their per-program partials at
 ``first + program_id`` so the final fixed-order sum sees them all.
+
+Lifetime. A CUDA graph keeps the addresses of the tables it was captured with, so a
+plan built or used while the current stream captures is kept for the rest of the
+process (``release_captured_plans`` drops them once the graphs are gone); the others
+live in a ``CACHE_SIZE`` LRU, and a table used on another stream than its own is
+recorded on that stream (``Tensor.record_stream``), so evicting it never frees memory a
+kernel still reads. A plan missed during a capture (new gradient tensors allocated in the
+graph's pool, for example) is uploaded from a pinned host buffer kept with the plan,
+with an asynchronous copy that the graph records and repeats on every replay.
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..backends.base import is_dense, same_layout
 
 # Read once at import, as triton.jit does: the kernels below are interpreted or compiled
 # for the whole process.
@@ -48,16 +60,20 @@ CHUNK = 2 * BLOCK if INTERPRET else 16 * BLOCK
 # Row plans (the gradient-centralisation row sums): a program owns whole rows, an
 # (rows x cols) tile of about ROW_TILE elements; cols is the next power of two of the row
 # length clamped to [MIN_COLS, MAX_COLS], so short rows do not waste most lanes and long
-# rows loop over their columns. One launch per distinct cols value (at most 7).
-ROW_TILE = 64 if INTERPRET else 4096
+# rows loop over their columns. One launch per distinct cols value (at most 6). A tile
+# is 4 elements per thread, each with its own 64-bit address and mask predicate (the
+# tiles are gathered, not vectorised): 4096-element tiles spilled registers, and 8
+# elements per thread spilled predicates (a thread has 7 predicate registers).
+ROW_TILE = 64 if INTERPRET else 512
 MIN_COLS = 4 if INTERPRET else 16
-MAX_COLS = 16 if INTERPRET else 1024
+MAX_COLS = 16 if INTERPRET else 512
 # Limits on one launch's table (at most ~1 MiB, which stays in L2 while every program
 # reads its entries). Beyond them the plan splits into several launches; tests lower them
 # to exercise the split.
 MAX_TENSORS = 2048
 MAX_BLOCKS = 65536
 # Plans kept (least recently used dropped): a training loop uses a handful per step.
+# Plans a CUDA graph may use are kept apart and never dropped (see the docstring).
 CACHE_SIZE = 128
 # The interpreter converts fp32 to bf16 by truncation; the GPU rounds to nearest even.
 # Under the interpreter the stores round explicitly, so tests see the GPU's numbers.
@@ -81,11 +97,13 @@ class Launch(NamedTuple):
     first: int        # index of this launch's first program among all of the plan's
     aligned: bool     # every address is 16-byte aligned: vector loads are safe
     cols: int         # column tile of a row plan, 0 for a flat plan
+    host: Optional[Tensor] = None  # pinned source of a table uploaded during a capture
 
 
 class Plan(NamedTuple):
     launches: Tuple[Launch, ...]
     nblocks: int      # programs over all launches (the number of partials)
+    streams: set      # ids of the CUDA streams the tables are recorded on
 
 
 def dtypes(t: Tensor):
@@ -110,6 +128,22 @@ def rows_per_tile(cols: int) -> int:
 
 
 _cache: "OrderedDict[tuple, Plan]" = OrderedDict()
+# Plans built or used during a CUDA-graph capture: a graph replays with their tables'
+# addresses, so they are never freed by the LRU.
+_captured: "dict[tuple, Plan]" = {}
+
+
+def release_captured_plans() -> int:
+    """Drop the plans kept for CUDA graphs (call it only once every graph captured with
+    sharpopt's triton passes is deleted). Returns how many were dropped."""
+    n = len(_captured)
+    _captured.clear()
+    return n
+
+
+def _capturing() -> bool:
+    # A capture needs an initialised CUDA context; the check is then one driver query.
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def plan(kind: str, lists: Sequence[Optional[Sequence[Optional[Tensor]]]],
@@ -132,15 +166,49 @@ def plan(kind: str, lists: Sequence[Optional[Sequence[Optional[Tensor]]]],
         if kind == "rows" or rows_view else None,
         *map(_addresses, lists),
     )
-    hit = _cache.get(key)
-    if hit is not None:
-        _cache.move_to_end(key)
-        return hit
-    built = _build(kind, lists)
-    _cache[key] = built
-    if len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
-    return built
+    capturing = _capturing()
+    hit = _captured.get(key)
+    if hit is None:
+        hit = _cache.get(key)
+        if hit is None:
+            hit = _build(kind, lists, capturing, rows_view)
+            if not capturing:
+                _cache[key] = hit
+                if len(_cache) > CACHE_SIZE:
+                    _cache.popitem(last=False)
+        elif capturing:
+            del _cache[key]
+        else:
+            _cache.move_to_end(key)
+        if capturing:
+            _captured[key] = hit
+    elif capturing:
+        # A table uploaded by another graph's copy holds nothing until that graph
+        # replays: this graph repeats the copy too.
+        _upload_again(hit)
+    if not capturing and hit.launches and hit.launches[0].table.is_cuda:
+        _record_stream(hit)
+    return hit
+
+
+def _upload_again(pl: Plan) -> None:
+    for ln in pl.launches:
+        if ln.host is not None:
+            ln.table.copy_(ln.host, non_blocking=True)
+
+
+def _record_stream(pl: Plan) -> None:
+    """Tell the allocator that the current stream reads the plan's tables, so that
+    freeing them (an LRU eviction) waits for the kernels queued on it."""
+    stream = torch.cuda.current_stream(pl.launches[0].table.device)
+    if not pl.streams:
+        # Built during a capture: its copy runs only when the graph replays, and this
+        # eager use may come first.
+        _upload_again(pl)
+    if stream.stream_id not in pl.streams:
+        for ln in pl.launches:
+            ln.table.record_stream(stream)
+        pl.streams.add(stream.stream_id)
 
 
 def _addresses(lst):
@@ -152,14 +220,27 @@ def _addresses(lst):
         return tuple(0 if t is None else t.data_ptr() for t in lst)
 
 
-def _build(kind: str, lists) -> Plan:
+def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False) -> Plan:
     first = lists[0]
     device = first[0].device if len(first) else torch.device("cpu")
+    # The kernels walk every operand of a parameter as one flat array in memory order:
+    # right for any dense layout (contiguous, channels_last) that all operands share.
     for lst in lists:
-        for t in lst or ():
-            if t is not None and (not t.is_contiguous() or t.device != device):
-                raise ValueError("sharpopt triton backend: every tensor of a pass must be "
-                                 f"contiguous and on {device}")
+        for i, t in enumerate(lst or ()):
+            if t is None:
+                continue
+            like = first[i]
+            if t.device != device or not (t.is_contiguous() and (
+                    like.is_contiguous() or t.shape != like.shape)) and not (
+                    is_dense(t) and same_layout(t, like)):
+                raise ValueError("sharpopt triton backend: every tensor of a pass must be on "
+                                 f"{device}, dense and laid out like its parameter (strides "
+                                 f"{tuple(t.stride())} against {tuple(like.stride())})")
+    if kind == "rows" or rows_view:
+        for t in first:        # a row is reduced (or centred) as one block of memory
+            if t.dim() > 1 and t.shape[0] > 1 and 0 < t.numel() != t.stride(0) * t.shape[0]:
+                raise ValueError("sharpopt triton backend: gradient centralisation needs each "
+                                 f"row in one block of memory (strides {tuple(t.stride())})")
     # units: (tensor index, ncols, nrows, group, starts) -- group separates launches. Every
     # plan records the (nrows, ncols) view, which perturb needs to find an element's row.
     units = []
@@ -168,7 +249,7 @@ def _build(kind: str, lists) -> Plan:
         nrows = t.shape[0] if t.dim() else 1
         ncols = n // nrows if nrows else 0
         if kind == "flat":
-            units.append((i, ncols, nrows, 0, list(range(0, n, CHUNK))))
+            units.append((i, ncols, nrows, 0, list(range(-(-n // CHUNK)))))
         else:
             cols = cols_for(ncols)
             units.append((i, ncols, nrows, cols, list(range(0, nrows, rows_per_tile(cols)))))
@@ -182,7 +263,7 @@ def _build(kind: str, lists) -> Plan:
     def flush(group):
         nonlocal done, cur_t, cur_b
         if cur_b:
-            launches.append(_table(lists, cur_t, cur_b, done, group, device))
+            launches.append(_table(lists, cur_t, cur_b, done, group, device, capturing))
             done += len(cur_b)
         cur_t, cur_b = [], []
 
@@ -201,10 +282,13 @@ def _build(kind: str, lists) -> Plan:
             cur_b.extend((local, s) for s in starts[pos:pos + take])
             pos += take
     flush(group)
-    return Plan(tuple(launches), done)
+    streams = set()
+    if launches and device.type == "cuda" and not capturing:
+        streams.add(torch.cuda.current_stream(device).stream_id)
+    return Plan(tuple(launches), done, streams)
 
 
-def _table(lists, tensors, blocks, first, cols, device) -> Launch:
+def _table(lists, tensors, blocks, first, cols, device, capturing) -> Launch:
     words: List[int] = []
     aligned = True
     for lst in lists:
@@ -218,8 +302,22 @@ def _table(lists, tensors, blocks, first, cols, device) -> Launch:
     words += [nrows for _, _, nrows in tensors]
     for local, start in blocks:
         words += [local, start]
-    table = torch.tensor(words, dtype=torch.int64).to(device)
-    return Launch(table, len(tensors), len(blocks), first, aligned, cols)
+    host = torch.tensor(words, dtype=torch.int64)
+    if device.type == "cuda" and capturing:
+        # A blocking copy from pageable memory cannot be captured; an asynchronous one
+        # from pinned memory becomes a node of the graph, which reads the buffer again on
+        # every replay, so the buffer lives as long as the plan.
+        try:
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                "sharpopt triton backend: could not upload a launch table during a CUDA-"
+                "graph capture; run one eager step with the same tensors (parameters, "
+                "gradients and state at the addresses the capture uses) before capturing"
+            ) from exc
+        return Launch(table, len(tensors), len(blocks), first, aligned, cols, host)
+    return Launch(host.to(device), len(tensors), len(blocks), first, aligned, cols)
 
 
 def scalar(s, device) -> Tuple[Optional[Tensor], float]:
@@ -247,7 +345,8 @@ def device_fn(fn):
 
 @device_fn
 def block_of(table, ntensors, NLISTS: tl.constexpr):
-    """(tensor index, start) of this program, then (numel, ncols, nrows) of that tensor."""
+    """(tensor index, block word) of this program, then (numel, ncols, nrows) of that
+    tensor. The block word is a chunk index in flat plans, a first row in row plans."""
     b = (NLISTS + 3) * ntensors + 2 * tl.program_id(0)
     t = tl.load(table + b)
     start = tl.load(table + b + 1)
@@ -266,11 +365,18 @@ def pointer(table, ntensors, t, LIST: tl.constexpr, DT: tl.constexpr, ALIGNED: t
     p = tl.load(table + LIST * ntensors + t).to(tl.pointer_type(DT))
     if ALIGNED:
         # The address comes from memory, so the compiler cannot see the allocator's
-        # alignment; without this hint every access is a scalar 4-byte load.
+        # alignment; without this hint every access is a scalar one. The hint goes on
+        # the pointer inside this helper: on a helper's call result (as in
+        # ``tl.multiple_of(block_of(...), ...)``) Triton 3.6 drops it and 3.9 applies it
+        # to every result of the call. Integer arithmetic (clearing the low bits) would
+        # not do: the compiler does not carry divisibility through int_to_ptr.
         p = tl.multiple_of(p, 16)
     return p
 
 
+# The flat passes call load/store with p already advanced to the vector's first element,
+# ``offs`` the int32 lanes and ``stop`` the number of elements left: 32-bit offsets and
+# masks per element, and one predicate per element in the masked tail.
 @device_fn
 def load(p, offs, stop, MASKED: tl.constexpr):
     if MASKED:

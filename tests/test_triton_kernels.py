@@ -414,9 +414,15 @@ def test_supports_and_errors():
     x = [torch.ones(4, dtype=torch.int32, device=DEVICE)]
     with pytest.raises(TypeError, match="unsupported dtype"):
         OPS.dot(x, x)
-    nc = [torch.ones(4, 6, device=DEVICE).t()]
-    with pytest.raises(ValueError, match="contiguous"):
+    nc = [torch.ones(4, 12, device=DEVICE)[:, ::2]]          # a strided view: not dense
+    with pytest.raises(ValueError, match="dense"):
         OPS.sumsq(nc, nc, adaptive=False, eta=0.0, centralize=False)
+    tr = [torch.arange(24.0, device=DEVICE).view(4, 6).t()]   # dense, another memory order
+    torch.testing.assert_close(OPS.sumsq(tr, tr, adaptive=False, eta=0.0, centralize=False),
+                               (tr[0] ** 2).sum())
+    with pytest.raises(ValueError, match="row in one block"):
+        OPS.sumsq(tr, tr, adaptive=False, eta=0.0, centralize=True,
+                  row_means=[torch.zeros(6, device=DEVICE)])
     with pytest.raises(ValueError, match="dim <= 1"):
         OPS.sumsq([torch.ones(3, device=DEVICE)], [torch.ones(3, device=DEVICE)],
                   adaptive=False, eta=0.0, centralize=False,
@@ -442,3 +448,115 @@ def test_bf16_stores_round_to_nearest_even():
     OPS.lincomb([out], [[x0], [x1]], [1.0, 1.0])
     want = (x0.float() + x1.float()).to(torch.bfloat16)
     assert torch.equal(out, want), f"got {out.tolist()}, expected {want.tolist()}"
+
+
+# -- rows longer than a vector, sizes of the row index ----------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturb_centred_rows_around_the_vector_length(dtype):
+    """perturb finds an element's row with a 32-bit division for rows shorter than a
+    vector and a comparison for longer ones: rows of B - 1, B, B + 1 and 2B + 5 columns,
+    tensors spanning several chunks and ending in a tail."""
+    shapes = [(3, B - 1), (4, B), (5, B + 1), (CH // B + 3, 2 * B + 5), (2, CH + 3)]
+    params, grads, saved = make(shapes, dtype, 110), make(shapes, dtype, 111), \
+        make(shapes, dtype, 112)
+    means = [torch.randn(s[0], device=DEVICE) for s in shapes]
+    p_ref, s_ref, p_got, s_got = clones(params), clones(saved), clones(params), clones(saved)
+    REF.perturb(p_ref, grads, s_ref, 0.3, adaptive=True, eta=0.01, row_means=means)
+    OPS.perturb(p_got, grads, s_got, 0.3, adaptive=True, eta=0.01, row_means=means)
+    assert_tensors(s_got, s_ref, f"perturb rows around B {dtype}, saved", tol="bits")
+    assert_tensors(p_got, p_ref, f"perturb rows around B {dtype}, params")
+
+
+# -- table lifetime and CUDA-graph capture -------------------------------------------------
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    """An empty plan cache of 2 entries and no captured plans, restored afterwards."""
+    monkeypatch.setattr(tables, "_cache", type(tables._cache)())
+    monkeypatch.setattr(tables, "_captured", {})
+    monkeypatch.setattr(tables, "CACHE_SIZE", 2)
+    return tables
+
+
+def _fake_capture(monkeypatch, on: bool):
+    """What ``plan`` sees inside ``torch.cuda.graph``: an initialised context whose
+    current stream captures (no GPU needed: both queries are replaced)."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: on)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: on)
+
+
+def test_lru_evicts_plans_outside_a_capture(fresh_cache):
+    sets = [make([(5 + k,), (CH + k,)], torch.float32, 120 + k) for k in range(3)]
+    first = tables.plan("flat", [sets[0]])
+    tables.plan("flat", [sets[1]])
+    tables.plan("flat", [sets[2]])
+    assert len(tables._cache) == 2, f"LRU of 2 holds {len(tables._cache)} plans"
+    assert tables.plan("flat", [sets[0]]) is not first, "the oldest plan should be evicted"
+
+
+def test_plan_built_during_a_capture_is_kept_past_eviction(fresh_cache, monkeypatch):
+    xs = make([(7,), (CH + 3,)], torch.float32, 130)
+    _fake_capture(monkeypatch, True)
+    captured = tables.plan("flat", [xs])
+    assert tables.plan("flat", [xs]) is captured
+    _fake_capture(monkeypatch, False)
+    words = [ln.table.clone() for ln in captured.launches]
+    for k in range(2 * tables.CACHE_SIZE + 1):   # fill and overflow the LRU
+        tables.plan("flat", [make([(3 + k,)], torch.float32, 140 + k)])
+    assert tables.plan("flat", [xs]) is captured, \
+        "a plan a captured graph may use was dropped by the LRU"
+    for ln, w in zip(captured.launches, words):
+        assert torch.equal(ln.table, w), "a captured plan's table changed"
+    assert tables.release_captured_plans() == 1
+    assert tables.plan("flat", [xs]) is not captured
+
+
+def test_cached_plan_used_during_a_capture_moves_out_of_the_lru(fresh_cache, monkeypatch):
+    """The warm-up step builds the plan eagerly; the capture reuses it, and from then on
+    the graph holds its table's address, so eviction must not free it."""
+    xs = make([(9,), (2 * CH + 1,)], torch.float32, 150)
+    warm = tables.plan("flat", [xs])
+    _fake_capture(monkeypatch, True)
+    assert tables.plan("flat", [xs]) is warm
+    _fake_capture(monkeypatch, False)
+    assert list(tables._captured.values()) == [warm] and len(tables._cache) == 0
+    for k in range(2 * tables.CACHE_SIZE + 1):
+        tables.plan("flat", [make([(3 + k,)], torch.float32, 160 + k)])
+    assert tables.plan("flat", [xs]) is warm
+
+
+def test_passes_run_with_plans_built_during_a_capture(fresh_cache, monkeypatch):
+    """A whole pass under the faked capture flag gives the reference's numbers (the
+    tables built on a miss during a capture are the same tables)."""
+    shapes = [(CH + B + 3,), (5, 7), (3,)]
+    params, grads, saved = make(shapes, torch.float32, 170), make(shapes, torch.float32, 171), \
+        make(shapes, torch.float32, 172)
+    p_ref, s_ref, p_got, s_got = clones(params), clones(saved), clones(params), clones(saved)
+    REF.perturb(p_ref, grads, s_ref, 0.3, adaptive=False, eta=0.0)
+    _fake_capture(monkeypatch, True)
+    OPS.perturb(p_got, grads, s_got, 0.3, adaptive=False, eta=0.0)
+    _fake_capture(monkeypatch, False)
+    assert len(tables._captured) == 1 and len(tables._cache) == 0
+    assert_tensors(p_got, p_ref, "perturb with a plan built during a capture, params")
+    assert_tensors(s_got, s_ref, "perturb with a plan built during a capture, saved",
+                   tol="bits")
+
+
+def test_sgd_first_step_is_a_runtime_argument():
+    """The first SGD step (buffer initialised to d) must not be a compile-time switch:
+    the second step would compile a new variant inside a CUDA-graph capture."""
+    import inspect
+
+    import triton.language as tl
+    from sharpopt.kernels import restore_update
+    kernel = restore_update._sgd_kernel
+    params = inspect.signature(kernel.fn).parameters
+    assert "INIT" not in params, "INIT is a constexpr again"
+    assert "init" in params and params["init"].annotation is not tl.constexpr
+    if hasattr(kernel, "params"):       # compiled: a JITFunction
+        unspecialised = [p.name for p in kernel.params if p.do_not_specialize]
+    else:                               # the interpreter's wrapper keeps jit's arguments
+        unspecialised = kernel.kwargs["do_not_specialize"]
+    assert "init" in unspecialised, \
+        "init must not be specialised on its value (1 would compile a separate variant)"

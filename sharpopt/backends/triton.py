@@ -13,8 +13,14 @@ It runs on CUDA tensors, and on CPU tensors only under Triton's interpreter
 a GPU. With the interpreter on, CUDA tensors are refused: the interpreter would follow
 the tables' device addresses on the host.
 
-Tables are built on the first call for a parameter set (a host-to-device copy), so a
-CUDA graph should be captured after one eager step.
+Tables are built on the first call for a parameter set (a host-to-device copy) and
+cached. CUDA graphs: capture after one eager step (it compiles every kernel variant the
+step needs; the first SGD step is a runtime argument, not a separate variant). Tables used
+or built during a capture stay alive for the rest of the process, as the graph keeps
+their addresses; a table missed during a capture (gradients allocated in the graph's
+pool, as with ``zero_grad(set_to_none=True)``) is uploaded from pinned host memory by an
+asynchronous copy that becomes part of the graph.
+``sharpopt.kernels.tables.release_captured_plans()`` frees them once the graphs are gone.
 """
 from __future__ import annotations
 
