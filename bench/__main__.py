@@ -36,6 +36,10 @@ runtime, are not seen).
 Bandwidth: a copy (``b.copy_(a)``, 8 B per element) and a triad (``a = b + s·c``, 12 B)
 on fp32 arrays much larger than the caches, in the same run; the best of several repeats
 is the ceiling (as STREAM reports), and ``%triad`` is a provider's byte-model GB/s over it.
+
+MSAM (one gradient per step, no second pass) gets its own table after the cases
+(:mod:`bench.bench_msam`): its fused step on every backend next to torch.optim's plain step,
+in GB/s of its byte model and %triad (``--no-msam`` skips it).
 """
 from __future__ import annotations
 
@@ -364,6 +368,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", dest="compile", action="store_true", default=None,
                     help="include torch.compile of the foreach wrapper (default: on, off in --quick)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--no-msam", dest="msam", action="store_false",
+                    help="skip the MSAM table (bench.bench_msam)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory measurement")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -412,6 +418,11 @@ def main(argv=None) -> int:
         case = run_case(args, device, w, d, a, b, bw, log)
         cases.append(case)
         log(report.format_case(case, bw))
+    msam_rows = []
+    if args.msam:
+        from .bench_msam import msam_table
+        msam_rows = msam_table(device, args.workloads, {d: DTYPES[d] for d in args.dtypes},
+                               bw["triad"]["best_gbs"], args.repeats, args.warmup, log)
     elapsed = time.perf_counter() - started
     result = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -421,6 +432,7 @@ def main(argv=None) -> int:
                      "compile": args.compile, "algo_kwargs": P.ALGO_KW,
                      "bases": {k: {"class": c.__name__, **kw} for k, (c, kw) in P.BASES.items()}},
         "cases": cases,
+        "msam": msam_rows,
     }
     stem = f"{device.type}-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}{args.tag}"
     os.makedirs(args.out, exist_ok=True)

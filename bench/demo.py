@@ -11,17 +11,27 @@ Fixed split: 70 % train / 30 % test, stratified, ``random_state=0``; features sc
 the training statistics. Each optimizer trains from the same initialisation for a given
 seed (the seed also drives the batch order); test accuracy is reported as mean ± std over
 the seeds, with the training time per epoch (forward, backward and step) and the time
-spent in the optimizer step alone. A second table times the step alone with each sharpopt
+spent in the optimizer step alone. The cost columns say what each method costs end to end:
+the epoch time relative to SGD's (the optimizers of a seed train side by side, one epoch
+each in turn, and ``x SGD`` is the median over seeds and epochs of the ratio to SGD's epoch of
+the same seed and index, so that load from other processes falls on all of them alike), the
+share of the epoch spent inside the optimizer's calls, and the fraction of steps that ran
+SAM's second forward/backward. A second table times the step alone with each sharpopt
 backend and with the plain for-loop wrapper, on the trained model's real parameters
 (two real gradient sets handed over as in ``python -m bench``).
 
 Base optimizer of every SAM variant: SGD, momentum 0.9, weight decay 5e-4, the same lr as
 the SGD baseline, cosine schedule; rho as in the papers (SAM, GCSAM, GSAM, Friendly-SAM
-0.05; ASAM 0.5 with eta 0.01).
+0.05; ASAM 0.5 with eta 0.01). The cheaper variants: SAM every 3rd step (``sam-k3``),
+LookSAM (k = 5, alpha = 0.7), SAM on a random half of the steps (``sam-random``, RST / SS-SAM),
+AE-SAM's adaptive policy (``sam-adaptive``, the paper's defaults over the run), SAM in the last
+half of the run only (``sam-late``), and MSAM (rho = 0.3, one gradient per step, evaluated at
+``w`` through ``at_w()``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -37,11 +47,24 @@ import sharpopt
 from . import providers as P
 from .workloads import ParamSet
 
-OPTIMIZERS = ["sgd", "adam", "sam", "asam", "gcsam", "gsam", "friendlysam"]
+OPTIMIZERS = ["sgd", "adam", "sam", "asam", "gcsam", "gsam", "friendlysam", "sam-k3", "looksam",
+              "sam-random", "sam-adaptive", "sam-late", "msam"]
 SAM_KW = {"sam": dict(rho=0.05), "asam": dict(rho=0.5, eta=0.01), "gcsam": dict(rho=0.05),
           "gsam": dict(rho=0.05, alpha=0.4), "friendlysam": dict(rho=0.05, sigma=1.0, lam=0.95)}
 SAM_CLS = {"sam": sharpopt.SAM, "asam": sharpopt.ASAM, "gcsam": sharpopt.GCSAM,
            "gsam": sharpopt.GSAM, "friendlysam": sharpopt.FriendlySAM}
+# The cheaper variants: (class, keyword arguments given the run's total number of steps).
+CHEAP = {
+    "sam-k3": (sharpopt.SAM, lambda n: dict(rho=0.05, k=3)),
+    "looksam": (sharpopt.LookSAM, lambda n: dict(rho=0.05, k=5, alpha=0.7)),
+    "sam-random": (sharpopt.SAM, lambda n: dict(rho=0.05,
+                                                schedule=sharpopt.schedules.Random(0.5, seed=0))),
+    "sam-adaptive": (sharpopt.SAM, lambda n: dict(rho=0.05,
+                                                  schedule=sharpopt.schedules.Adaptive(steps=n))),
+    "sam-late": (sharpopt.SAM, lambda n: dict(rho=0.05,
+                                              schedule=sharpopt.schedules.LatePhase(n // 2))),
+}
+MSAM_KW = dict(rho=0.3)
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
@@ -73,53 +96,84 @@ def model_for(name: str) -> nn.Module:
                          nn.Linear(32, 2))
 
 
-def make_optimizer(name: str, params, backend: str = "auto"):
+def make_optimizer(name: str, params, backend: str = "auto", total_steps: int = 1):
     if name == "sgd":
         return torch.optim.SGD(params, **SGD_KW)
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-3)
+    if name == "msam":
+        return sharpopt.MSAM(params, torch.optim.SGD, backend=backend, **MSAM_KW, **SGD_KW)
+    if name in CHEAP:
+        cls, kw = CHEAP[name]
+        return cls(params, torch.optim.SGD, backend=backend, **kw(total_steps), **SGD_KW)
     return SAM_CLS[name](params, torch.optim.SGD, backend=backend, **SAM_KW[name], **SGD_KW)
 
 
-def train(dataset, data, opt_name: str, seed: int, epochs: int, batch: int) -> dict:
-    xtr, ytr, xte, yte = data
-    torch.manual_seed(seed)
-    model = model_for(dataset)
-    opt = make_optimizer(opt_name, model.parameters())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt.base_optimizer if hasattr(opt, "base_optimizer") else opt, T_max=epochs)
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(seed)
-    two_pass = opt_name in SAM_CLS
-    step_s, epoch_s = 0.0, []
-    for _ in range(epochs):
+class Run:
+    """One optimizer training one model of one seed, an epoch at a time."""
+
+    def __init__(self, dataset, data, opt_name: str, seed: int, epochs: int, batch: int):
+        self.data, self.batch, self.epochs = data, batch, epochs
+        xtr = data[0]
+        torch.manual_seed(seed)
+        self.model = model_for(dataset)
+        self.n_steps = epochs * ((len(xtr) + batch - 1) // batch)
+        self.opt = make_optimizer(opt_name, self.model.parameters(), total_steps=self.n_steps)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            getattr(self.opt, "base_optimizer", self.opt), T_max=epochs)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.two_pass = opt_name in SAM_CLS or opt_name in CHEAP
+        self.step_s, self.epoch_s, self.sam_steps = 0.0, [], 0
+
+    def epoch(self) -> None:
+        xtr, ytr = self.data[0], self.data[1]
+        model, opt, loss_fn = self.model, self.opt, self.loss_fn
         model.train()
         t_epoch = time.perf_counter()
-        for idx in torch.randperm(len(xtr), generator=gen).split(batch):
+        for idx in torch.randperm(len(xtr), generator=self.gen).split(self.batch):
             x, y = xtr[idx], ytr[idx]
             loss_fn(model(x), y).backward()
-            if two_pass:
+            if self.two_pass:
                 t0 = time.perf_counter()
                 again = opt.first_step(zero_grad=True)
-                step_s += time.perf_counter() - t0
+                self.step_s += time.perf_counter() - t0
                 if again:
+                    self.sam_steps += 1
                     loss_fn(model(x), y).backward()
                     t0 = time.perf_counter()
                     opt.second_step(zero_grad=True)
-                    step_s += time.perf_counter() - t0
+                    self.step_s += time.perf_counter() - t0
             else:
                 t0 = time.perf_counter()
                 opt.step()
-                step_s += time.perf_counter() - t0
+                self.step_s += time.perf_counter() - t0
                 opt.zero_grad()
-        sched.step()
-        epoch_s.append(time.perf_counter() - t_epoch)
-    model.eval()
-    with torch.no_grad():
-        acc = (model(xte).argmax(1) == yte).float().mean().item()
-    n_steps = epochs * ((len(xtr) + batch - 1) // batch)
-    return {"acc": acc, "epoch_s": statistics.median(epoch_s), "step_ms": step_s / n_steps * 1e3,
-            "backend": getattr(opt, "backend", "torch")}
+        self.sched.step()
+        self.epoch_s.append(time.perf_counter() - t_epoch)
+
+    def result(self) -> dict:
+        xte, yte = self.data[2], self.data[3]
+        self.model.eval()
+        at_w = self.opt.at_w() if hasattr(self.opt, "at_w") else contextlib.nullcontext()
+        with torch.no_grad(), at_w:     # MSAM's model holds w~ between steps; evaluate at w
+            acc = (self.model(xte).argmax(1) == yte).float().mean().item()
+        return {"acc": acc, "epoch_s": statistics.median(self.epoch_s),
+                "epoch_times": list(self.epoch_s), "step_ms": self.step_s / self.n_steps * 1e3,
+                "opt_share": self.step_s / sum(self.epoch_s),
+                "sam_frac": self.sam_steps / self.n_steps,
+                "backend": getattr(self.opt, "backend", "torch")}
+
+
+def train_interleaved(dataset, data, names, seed: int, epochs: int, batch: int) -> dict:
+    """Every optimizer of ``names`` on seed ``seed``, epoch by epoch in turn (the order
+    rotated every epoch), so that load from other processes falls on all of them alike."""
+    runs = {name: Run(dataset, data, name, seed, epochs, batch) for name in names}
+    order = list(names)
+    for e in range(epochs):
+        for name in order[e % len(order):] + order[:e % len(order)]:
+            runs[name].epoch()
+    return {name: run.result() for name, run in runs.items()}
 
 
 def step_times(dataset, data, algos, repeats: int, batch: int) -> dict:
@@ -187,17 +241,31 @@ def main(argv=None) -> int:
         data = load(ds)
         print(f"\n== {ds}: {len(data[0])} train / {len(data[2])} test, {epochs[ds]} epochs, "
               f"{sum(p.numel() for p in model_for(ds).parameters())} parameters", flush=True)
-        print(f"{'optimizer':<12} {'test acc % (mean ± std)':>24} {'s/epoch':>8} "
-              f"{'step ms':>8}  backend")
+        print(f"{'optimizer':<13} {'test acc % (mean ± std)':>24} {'s/epoch':>8} "
+              f"{'x SGD':>6} {'opt %':>6} {'SAM %':>6} {'step ms':>8}  backend")
         res = {}
+        per_seed = [train_interleaved(ds, data, opts, s, epochs[ds], args.batch)
+                    for s in range(seeds)]
         for name in opts:
-            runs = [train(ds, data, name, s, epochs[ds], args.batch) for s in range(seeds)]
+            runs = [r[name] for r in per_seed]
             accs = [100 * r["acc"] for r in runs]
-            res[name] = {"acc": accs, "epoch_s": [r["epoch_s"] for r in runs],
-                         "step_ms": [r["step_ms"] for r in runs], "backend": runs[0]["backend"]}
+            res[name] = {key: [r[key] for r in runs]
+                         for key in ("epoch_s", "epoch_times", "step_ms", "opt_share",
+                                     "sam_frac")}
+            res[name].update(acc=accs, backend=runs[0]["backend"])
+            epoch = statistics.median(res[name]["epoch_s"])
+            # Relative cost: the median over every (seed, epoch) of this optimizer's epoch
+            # time over SGD's epoch of the same seed and index, run moments apart.
+            rel = float("nan")
+            if "sgd" in opts:
+                rel = statistics.median(
+                    t / t_sgd for r, r_sgd in zip(runs, [x["sgd"] for x in per_seed])
+                    for t, t_sgd in zip(r["epoch_times"], r_sgd["epoch_times"]))
+            res[name]["epoch_vs_sgd"] = rel
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            print(f"{name:<12} {statistics.mean(accs):>15.2f} ± {sd:5.2f} "
-                  f"{statistics.median(res[name]['epoch_s']):>8.3f} "
+            print(f"{name:<13} {statistics.mean(accs):>15.2f} ± {sd:5.2f} {epoch:>8.3f} "
+                  f"{rel:>6.2f} {100 * statistics.median(res[name]['opt_share']):>6.1f} "
+                  f"{100 * statistics.median(res[name]['sam_frac']):>6.1f} "
                   f"{statistics.median(res[name]['step_ms']):>8.3f}  {runs[0]['backend']}", flush=True)
         record["results"][ds] = res
         algos = [o for o in opts if o in SAM_CLS]

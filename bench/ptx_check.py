@@ -70,6 +70,9 @@ class Variant(NamedTuple):
     aligned: bool
     loads: int            # data streams read per element in the main loop
     stores: int           # data streams written per element
+    #: The kernel also writes one fp32 partial sum per program, after its data (the MSAM
+    #: passes: update + the momentum's sum of squares): its last 32-bit store.
+    partial_store: bool = False
 
 
 def _bool_space(names):
@@ -95,10 +98,11 @@ def variants(full: bool = False) -> List[Variant]:
     flat_common = lambda dt, al: dict(DT=dt, ACC=acc(dt), ALIGNED=al,  # noqa: E731
                                       BLOCK=tb.BLOCK, CHUNK=tb.CHUNK)
 
-    def add(module, kernel, sig, consts, dt, flat, aligned, loads, stores, label):
+    def add(module, kernel, sig, consts, dt, flat, aligned, loads, stores, label,
+            partial_store=False):
         name = f"{module}.{kernel} {dt} {'aligned' if aligned else 'unaligned'} {label}"
         out.append(Variant(name.strip(), module, kernel, sig, consts, dt, flat, aligned,
-                           loads, stores))
+                           loads, stores, partial_store))
 
     for dt, al in itertools.product(DTYPES, (True, False)):
         a = acc(dt)
@@ -136,6 +140,35 @@ def variants(full: bool = False) -> List[Variant]:
                                                   "step_size", "bc2_sqrt", "eps")}},
                 dict(sw, **flat_common(dt, al)), dt, True, al, 4 + sw["AMSGRAD"],
                 3 + sw["AMSGRAD"], _label(sw))
+        # MSAM: move back + SGD / Adam(W) + the momentum's sum of squares (kernels/msam.py);
+        # the move-back scale in device memory or by value. HAS_BACK and INIT never come
+        # together from the launcher; the all-on cover compiles them together anyway.
+        msam_sig = {**table, "partials": f"*{a}", "first": "i32", "back_val": "fp64"}
+        space = [dict(s, back_ptr=p) for s in _bool_space(("HAS_BACK", "NESTEROV", "MAXIMIZE",
+                                                           "INIT")) for p in (None, f"*{a}")]
+        for sw in _cover(space, full):
+            sig = {**msam_sig, **{k: "fp64" for k in ("lr", "wd", "mom", "damp1")}}
+            consts = dict({k: sw[k] for k in ("HAS_BACK", "NESTEROV", "MAXIMIZE", "INIT")},
+                          **flat_common(dt, al))
+            if sw["back_ptr"] is None:
+                consts["back_ptr"] = None
+            else:
+                sig["back_ptr"] = sw["back_ptr"]
+            add("msam", "_msam_sgd_kernel", sig, consts, dt, True, al, 3 - sw["INIT"], 2,
+                _label(sw), partial_store=True)
+        space = [dict(s, back_ptr=p) for s in _bool_space(("HAS_BACK", "DECOUPLED", "AMSGRAD",
+                                                           "MAXIMIZE")) for p in (None, f"*{a}")]
+        for sw in _cover(space, full):
+            sig = {**msam_sig, **{k: "fp64" for k in ("wd", "decay", "beta1c", "beta2", "beta2c",
+                                                      "step_size", "bc2_sqrt", "eps")}}
+            consts = dict({k: sw[k] for k in ("HAS_BACK", "DECOUPLED", "AMSGRAD", "MAXIMIZE")},
+                          **flat_common(dt, al))
+            if sw["back_ptr"] is None:
+                consts["back_ptr"] = None
+            else:
+                sig["back_ptr"] = sw["back_ptr"]
+            add("msam", "_msam_adam_kernel", sig, consts, dt, True, al, 4 + sw["AMSGRAD"],
+                3 + sw["AMSGRAD"], _label(sw), partial_store=True)
         # lincomb: 1-3 terms, each coefficient a device scalar or a value; COPY (1 term)
         space = []
         for nterms in (1, 2, 3):
@@ -309,9 +342,15 @@ def check(v: Variant, ptx: str, log: str,
                           f"({a.op}.v{a.vec}.b{a.bits}): one predicate for {a.vec} lanes")
     if esize == 2:
         # 32-bit stores are also the fp32 partial sums and row means: only kernels that
-        # store their 16-bit data can store a packed pair.
+        # store their 16-bit data can store a packed pair, and the one partial sum of a
+        # kernel that stores both (partial_store) is its last 32-bit store.
+        partial = None
+        if v.partial_store:
+            partial = max((a.line for a in acc if a.op == "st" and a.bits == 32 and a.vec == 1),
+                          default=None)
         for p, group in by_pred.items():
-            pairs = [a for a in group if a.bits == 32 and (a.op == "ld" or v.stores)]
+            pairs = [a for a in group if a.bits == 32 and (a.op == "ld" or v.stores)
+                     and a.line != partial]
             if pairs and not any(a.bits == 16 for a in group):
                 lines = [a.line + 1 for a in pairs]
                 errors.append(f"predicate {p} guards 32-bit accesses (PTX lines {lines}) "

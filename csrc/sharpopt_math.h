@@ -170,5 +170,15 @@ inline AdamArgs<double> make_adam_args(long long step, double lr, double beta1, 
           decoupled, amsgrad};
 }
 
+// ---------------------------------------------------------------------------------
+// MSAM's move back from w~ = w - s m to w, with the scale s kept from the last step:
+//   w <- w~ + s * m        (m the momentum before this step's update)
+// followed in the same pass by sgd_elem / adam_elem at w.
+// ---------------------------------------------------------------------------------
+template <class T>
+SOPT_HD T msam_back_elem(T w_tilde, T m, T s) {
+  return w_tilde + s * m;
+}
+
 }  // namespace math
 }  // namespace sharpopt

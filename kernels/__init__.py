@@ -2,7 +2,8 @@
 
 One module per pass family, each read top-down (constants, ``@triton.jit`` kernels,
 launcher): ``norm`` (sumsq with the gradient-centralisation row means, dot), ``perturb``,
-``restore_update`` (restore + SGD / Adam / AdamW), ``lincomb`` (combines and the exact
+``restore_update`` (restore + SGD / Adam / AdamW), ``msam`` (MSAM's move back +
+update + momentum norm), ``lincomb`` (combines and the exact
 restore copy); ``tables`` holds the multi-tensor launch tables they share.
 
 Import them as ``sharpopt.kernels.<module>``; importing compiles nothing (Triton compiles

@@ -10,7 +10,9 @@ from .crsam import CRSAM
 from .friendlysam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
+from .msam import MSAM
 from .rbo import RBO
+from . import schedules
 from .sam import ASAM, GCSAM, SAM
 from .training import freeze_bn_stats
 from .wsam import WSAM
@@ -18,6 +20,6 @@ from .wsam import WSAM
 __version__ = "0.1.0"
 
 __all__ = [
-    "SAM", "ASAM", "GCSAM", "GSAM", "WSAM", "CRSAM", "RBO", "LookSAM", "FriendlySAM",
-    "BackendUnavailable", "available_backends", "freeze_bn_stats",
+    "SAM", "ASAM", "GCSAM", "GSAM", "WSAM", "CRSAM", "RBO", "LookSAM", "FriendlySAM", "MSAM",
+    "BackendUnavailable", "available_backends", "freeze_bn_stats", "schedules",
 ]

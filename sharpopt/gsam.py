@@ -36,7 +36,7 @@ class GSAM(SAM):
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, alpha=0.4, *,
                  rho_min=None, rho_max=None, lr_min=0.0, lr_max=None, adaptive=False,
-                 eta=0.0, perturb_eps=1e-12, backend="auto", **base_kwargs):
+                 eta=0.0, perturb_eps=1e-12, schedule=None, backend="auto", **base_kwargs):
         _check_positive("alpha", alpha)
         if (rho_min is None) != (rho_max is None):
             raise ValueError("give both rho_min and rho_max to schedule rho with the lr, or neither")
@@ -49,7 +49,7 @@ class GSAM(SAM):
         self._schedule = None if rho_max is None else (float(rho_min), float(rho_max),
                                                        float(lr_min), lr_max)
         super().__init__(params, base_optimizer, rho, adaptive, eta=eta, perturb_eps=perturb_eps,
-                         backend=backend, **base_kwargs)
+                         schedule=schedule, backend=backend, **base_kwargs)
         if self._schedule is not None:
             for group in self.param_groups:
                 group.setdefault("lr_max", group["lr"] if lr_max is None else lr_max)

@@ -10,15 +10,18 @@ All three perturb along the same family of directions::
 ``rho`` is per param group; the norm is one global norm over every parameter that has a
 gradient. With ``k > 1`` the two-pass step runs on every k-th call (the 1st, k+1-th, ...)
 and the other calls are a plain ``Base.step(g)``: ``first_step`` then applies the update
-itself and returns False.
+itself and returns False. ``schedule=`` generalises ``k`` (random, adaptive, late phase:
+see :mod:`sharpopt.schedules`).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 
 from ._core import Bucket, SharpnessAware, _SkipStep, _check_positive
+from .schedules import EveryK, Schedule
 
 __all__ = ["SAM", "ASAM", "GCSAM"]
 
@@ -46,6 +49,10 @@ class SAM(SharpnessAware):
         eta: ASAM's offset (``0`` = the common PyTorch variant, ``0.01`` = the paper).
         perturb_eps: added to the norm before dividing (``eps`` is the base optimizer's).
         k: run the two-pass step every ``k`` calls, a plain base step otherwise.
+        schedule: a :class:`sharpopt.schedules.Schedule` deciding which steps perturb
+            (``EveryK``, ``Random``, ``Adaptive``, ``LatePhase``); default every ``k``.
+            ``Adaptive`` reads the ascent's norm on the host once per step and does not
+            take a ``grad_scaler``.
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"`` (``$SHARPOPT_BACKEND`` replaces ``"auto"``).
         max_grad_norm: clip the direction handed to the base optimizer to this global norm
@@ -60,17 +67,25 @@ class SAM(SharpnessAware):
     _centralize_norm = False
     _keyword_meanings = {
         "adaptive": "switch to ASAM's adaptive perturbation", "eta": "ASAM's offset eta",
-        "k": "period of the two-pass step",
+        "k": "period of the two-pass step", "schedule": "which steps perturb (sharpopt.schedules)",
     }
     #: Variants whose descent needs the first pass's gradient keep it as scratch "g0".
     _keeps_gradient = False
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
-                 eta=0.0, perturb_eps=1e-12, k=1, backend="auto", **base_kwargs):
+                 eta=0.0, perturb_eps=1e-12, k=1, schedule=None, backend="auto", **base_kwargs):
         _check_positive("eta", eta)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if schedule is None:
+            schedule = EveryK(k)
+        elif not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a sharpopt.schedules.Schedule, got {schedule!r}")
+        elif k != 1:
+            raise ValueError("give k or schedule, not both (schedule=EveryK(k) is k)")
         self.k = k
+        self.schedule = schedule
+        self._decision = _Decision()
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive), eta=eta),
                          backend=backend, perturb_eps=perturb_eps, **base_kwargs)
 
@@ -84,22 +99,81 @@ class SAM(SharpnessAware):
         return not self._keeps_gradient
 
     def _will_perturb(self) -> bool:
-        """Whether this call perturbs (every k-th call, counting from the first)."""
-        return self._run.calls % self.k == 0
+        """Whether this call perturbs, as the schedule decides for step ``t`` (the count of
+        completed first steps); decided once per call and remembered for the call."""
+        t = self._run.calls
+        d = self._decision
+        if d.t != t:
+            d.norm = None
+            if self.schedule.needs_norm:
+                d.norm = self._ascent_norm(self._gather())
+                d.perturb = self.schedule.decide(t, float(d.norm.square()))  # the host read
+            else:
+                d.perturb = self.schedule.decide(t)
+            d.t = t
+        return d.perturb
+
+    def _first(self, zero_grad: bool, grad_scaler=None) -> bool:
+        if (self.schedule.needs_norm and grad_scaler is not None
+                and grad_scaler.is_enabled()):
+            raise ValueError(f"{type(self.schedule).__name__} reads the gradient norm to "
+                             "decide and does not take a grad_scaler yet; use another "
+                             "schedule with loss scaling")
+        self._decision.t = None   # new gradients: decide again
+        return super()._first(zero_grad, grad_scaler)
+
+    def _ascent_norm(self, buckets: List[Bucket]) -> Tensor:
+        """The norm :meth:`_perturb` divides by, for the current gradients."""
+        adaptive = any(b.group["adaptive"] for b in buckets)
+        if adaptive and not all(b.group["adaptive"] for b in buckets):
+            raise ValueError("adaptive must be the same in every param group (the norm is global)")
+        return self._norm(buckets, lambda b: b.grads, adaptive=adaptive,
+                          centralize=self._centralize_norm, row_means=self._centralize_direction)
+
+    def _take_norm(self) -> Optional[Tensor]:
+        """The norm computed for this call's decision, once (None when there is none)."""
+        d = self._decision
+        if d.t != self._run.calls or d.norm is None:
+            return None
+        norm, d.norm = d.norm, None
+        return norm
+
+    def state_dict(self) -> dict:
+        """As :class:`SharpnessAware`'s, plus the schedule's state (``["sharpopt"]["schedule"]``)."""
+        sd = super().state_dict()
+        sd["sharpopt"]["schedule"] = {"type": type(self.schedule).__name__,
+                                      "state": self.schedule.state_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        entry = state_dict.get("sharpopt", {}).get("schedule")
+        if entry is not None and entry["type"] != type(self.schedule).__name__:
+            raise ValueError(f"this state_dict was saved with schedule {entry['type']}, this "
+                             f"optimizer has {type(self.schedule).__name__}")
+        super().load_state_dict(state_dict)
+        if entry is not None:
+            self.schedule.load_state_dict(entry["state"])
+        self._decision.t = None
 
     def _rho(self, group: dict):
         return group["rho"]
 
-    def _perturb(self, buckets: List[Bucket], grads_of=lambda b: b.grads, *,
+    def _perturb(self, buckets: List[Bucket], grads_of=None, *,
                  sign: float = 1.0, save: bool = True) -> None:
         """``saved ← w`` (when ``save``);  ``w ← saved + sign · rho · T² ⊙ C(v) / (‖T ⊙ u‖ +
-        eps)`` for ``v = grads_of`` (``sign = −1, save = False`` gives CR-SAM's ``w − e``)."""
+        eps)`` for ``v = grads_of`` (default the gradients; ``sign = −1, save = False`` gives
+        CR-SAM's ``w − e``). The norm of the gradients is reused when the schedule's
+        decision already computed it."""
         adaptive = any(b.group["adaptive"] for b in buckets)
         if adaptive and not all(b.group["adaptive"] for b in buckets):
             raise ValueError("adaptive must be the same in every param group (the norm is global)")
         centralize = self._centralize_direction
-        norm = self._norm(buckets, grads_of, adaptive=adaptive, centralize=self._centralize_norm,
-                          row_means=centralize)
+        norm = self._take_norm() if grads_of is None else None
+        if grads_of is None:
+            grads_of = _grads
+        if norm is None:
+            norm = self._norm(buckets, grads_of, adaptive=adaptive,
+                              centralize=self._centralize_norm, row_means=centralize)
         inv = self._run.inv_scale
         if inv is not None:   # the gradients still carry a loss scale s: ‖g‖ = ‖s·g‖ / s
             norm = norm * inv.to(norm.device)
@@ -126,6 +200,20 @@ class SAM(SharpnessAware):
         return True
 
 
+def _grads(b: Bucket) -> List[Tensor]:
+    return b.grads
+
+
+class _Decision:
+    """The schedule's decision for step ``t`` (and the norm it read, kept for the ascent);
+    a plain object, for the reason given in ``_core._StepState``."""
+
+    def __init__(self):
+        self.t: Optional[int] = None
+        self.perturb = True
+        self.norm: Optional[Tensor] = None
+
+
 class ASAM(SAM):
     """Adaptive SAM (Kwon et al., 2021): :class:`SAM` with ``adaptive=True``.
 
@@ -134,9 +222,9 @@ class ASAM(SAM):
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.5, *, eta=0.01,
-                 perturb_eps=1e-12, k=1, backend="auto", **base_kwargs):
+                 perturb_eps=1e-12, k=1, schedule=None, backend="auto", **base_kwargs):
         super().__init__(params, base_optimizer, rho, True, eta=eta, perturb_eps=perturb_eps, k=k,
-                         backend=backend, **base_kwargs)
+                         schedule=schedule, backend=backend, **base_kwargs)
 
 
 class GCSAM(SAM):
@@ -159,7 +247,8 @@ class GCSAM(SAM):
     _keyword_meanings = {"norm": "choice of the ascent norm ('centralized' or 'raw')"}
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, *,
-                 norm="centralized", eta=0.0, perturb_eps=1e-12, k=1, backend="auto",
+                 norm="centralized", eta=0.0, perturb_eps=1e-12, k=1, schedule=None,
+                 backend="auto",
                  **base_kwargs):
         if norm not in ("centralized", "raw"):
             raise ValueError(f"norm must be 'centralized' (the paper) or 'raw' (the authors' "
@@ -167,4 +256,5 @@ class GCSAM(SAM):
         self.norm = norm
         self._centralize_norm = norm == "centralized"
         super().__init__(params, base_optimizer, rho, adaptive, eta=eta,
-                         perturb_eps=perturb_eps, k=k, backend=backend, **base_kwargs)
+                         perturb_eps=perturb_eps, k=k, schedule=schedule, backend=backend,
+                         **base_kwargs)

@@ -29,7 +29,7 @@ class WSAM(SAM):
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, gamma=0.9, *,
                  decouple=True, max_norm=None, adaptive=False, eta=0.0, perturb_eps=1e-12,
-                 backend="auto", **base_kwargs):
+                 schedule=None, backend="auto", **base_kwargs):
         if not (isinstance(gamma, (int, float)) and 0 <= gamma < 1):
             raise ValueError(f"gamma must be in [0, 1), got {gamma!r}")
         if max_norm is not None:
@@ -39,7 +39,7 @@ class WSAM(SAM):
         self.decouple = bool(decouple)
         self.max_norm = max_norm
         super().__init__(params, base_optimizer, rho, adaptive, eta=eta, perturb_eps=perturb_eps,
-                         backend=backend, **base_kwargs)
+                         schedule=schedule, backend=backend, **base_kwargs)
 
     def _descent(self, buckets: List[Bucket]) -> None:
         g0 = lambda b: self._buffers("g0", b.sources)

@@ -588,6 +588,114 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
   });
 }
 
+// ---------------------------------------------------------------------------------
+// MSAM: move back from w~ (w <- w~ + back * m, when has_back), the base update at w, and
+// the sum of squares of the updated momentum, in one pass. Each unit updates kBlock
+// elements, then sums the squares of the block's new momentum while it is in L1; the
+// unit partials are added in unit order (bit-reproducible, as sumsq).
+// ---------------------------------------------------------------------------------
+template <int N, class R, class F>
+double update_and_sumsq(const R* const (&in)[N], R* const (&out)[N], int m_stream, int64_t n,
+                        const F& f) {
+  double acc = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    const R* bin[N];
+    R* bout[N];
+    for (int k = 0; k < N; ++k) {
+      bin[k] = in[k] ? in[k] + b : nullptr;
+      bout[k] = out[k] ? out[k] + b : nullptr;
+    }
+    span<N, R>(bin, bout, len, f);
+    const R* m[1] = {out[m_stream] + b};
+    acc += reduce<1, R>(m, len, [](auto& x) { return x[0] * x[0]; });
+  }
+  return acc;
+}
+
+Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                const std::vector<Tensor>& bufs, double back, const OptTensor& back_t,
+                bool has_back, double lr, double weight_decay, double momentum, double dampening,
+                bool nesterov, bool maximize, bool init_buffers) {
+  if (params.empty()) return scalar_out(0, false);
+  TORCH_CHECK(momentum != 0, "sharpopt cpu: msam_sgd needs momentum != 0");
+  TORCH_CHECK(!(has_back && init_buffers), "sharpopt cpu: msam_sgd cannot move back along "
+              "buffers that do not exist yet (init_buffers)");
+  check_dtype(params);
+  check_list(params, params, "params");
+  check_list(grads, params, "grads");
+  check_list(bufs, params, "momentum_buffers");
+  const auto args = make_sgd_args(lr, weight_decay, momentum, dampening, nesterov, maximize, init_buffers);
+  const double back_v = has_back ? scalar_value(back, back_t) : 0.0;
+  std::vector<Unit> units;
+  for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
+  std::vector<double> partial(units.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_msam_sgd", [&] {
+    using R = scalar_t;
+    using S = OpMath<R>;
+    const auto a = both<SgdArgs, S>(args);
+    const S s_back = S(back_v);
+    const Vec<S> v_back = Vec<S>(s_back);
+    auto f = [&](auto& x) {
+      using T = Elem<decltype(x)>;
+      if (has_back) x[0] = msam_back_elem(x[0], x[2], pick<T, S>(s_back, v_back));
+      sgd_elem(x[0], x[2], x[1], a.template get<T>());
+    };
+    for_units(units, [&](const Unit& u, int64_t idx) {
+      const int64_t b = u.begin;
+      R* w = params[u.t].data_ptr<R>() + b;
+      R* buf = bufs[u.t].data_ptr<R>() + b;
+      const R* in[3] = {w, grads[u.t].data_ptr<R>() + b, init_buffers ? nullptr : buf};
+      R* out[3] = {w, nullptr, buf};
+      partial[idx] = update_and_sumsq<3, R>(in, out, 2, u.end - b, f);
+    });
+  });
+  return scalar_out(sum_partials(partial), params[0].scalar_type() == at::kDouble);
+}
+
+Tensor msam_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                 const std::vector<Tensor>& max_exp_avg_sqs, double back, const OptTensor& back_t,
+                 bool has_back, int64_t step, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
+  if (params.empty()) return scalar_out(0, false);
+  TORCH_CHECK(step >= 1, "sharpopt cpu: msam_adam needs step >= 1, got ", step);
+  check_dtype(params);
+  check_list(params, params, "params");
+  check_list(grads, params, "grads");
+  check_list(exp_avgs, params, "exp_avgs");
+  check_list(exp_avg_sqs, params, "exp_avg_sqs");
+  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  const auto args = make_adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
+  const double back_v = has_back ? scalar_value(back, back_t) : 0.0;
+  std::vector<Unit> units;
+  for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
+  std::vector<double> partial(units.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_msam_adam", [&] {
+    using R = scalar_t;
+    using S = OpMath<R>;
+    const auto a = both<AdamArgs, S>(args);
+    const S s_back = S(back_v);
+    const Vec<S> v_back = Vec<S>(s_back);
+    auto f = [&](auto& x) {
+      using T = Elem<decltype(x)>;
+      if (has_back) x[0] = msam_back_elem(x[0], x[2], pick<T, S>(s_back, v_back));
+      adam_elem(x[0], x[2], x[3], x[4], x[1], a.template get<T>());
+    };
+    for_units(units, [&](const Unit& u, int64_t idx) {
+      const int64_t b = u.begin;
+      R* w = params[u.t].data_ptr<R>() + b;
+      R* m = exp_avgs[u.t].data_ptr<R>() + b;
+      R* v = exp_avg_sqs[u.t].data_ptr<R>() + b;
+      R* vmax = amsgrad ? max_exp_avg_sqs[u.t].data_ptr<R>() + b : nullptr;
+      const R* in[5] = {w, grads[u.t].data_ptr<R>() + b, m, v, vmax};
+      R* out[5] = {w, nullptr, m, v, vmax};
+      partial[idx] = update_and_sumsq<5, R>(in, out, 2, u.end - b, f);
+    });
+  });
+  return scalar_out(sum_partials(partial), params[0].scalar_type() == at::kDouble);
+}
+
 // a <- b + s * c over fp32 arrays: the STREAM triad, for benchmarks to measure the
 // memory bandwidth with the same threading and vector code as the passes.
 void triad(const Tensor& a, const Tensor& b, const Tensor& c, double s) {
@@ -633,4 +741,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lincomb", &lincomb);
   m.def("restore_sgd", &restore_sgd);
   m.def("restore_adam", &restore_adam);
+  m.def("msam_sgd", &msam_sgd);
+  m.def("msam_adam", &msam_adam);
 }

@@ -255,6 +255,82 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
                          c10::cuda::getCurrentCUDAStream()));
 }
 
+// The MSAM kernels read the move-back scale from device memory (their arguments have no
+// room for a by-value copy): a Python float or a host tensor is copied to the device first.
+sc::DevScalar msam_back_scalar(double back, const OptTensor& back_t, bool has_back,
+                               const Tensor& like, std::vector<Tensor>& keep) {
+  sc::DevScalar b = dev_scalar(back, back_t, like.device(), keep);
+  if (has_back && !b.f32 && !b.f64) {
+    keep.push_back(at::full({}, b.value, like.options().dtype(at::kDouble)));
+    b.f64 = keep.back().data_ptr<double>();
+  }
+  return b;
+}
+
+// MSAM's fused step (see sharpopt.backends.base.Ops.msam_sgd / msam_adam); returns the
+// sum of squares of the updated momentum as a 0-dim device tensor.
+Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                const std::vector<Tensor>& bufs, double back, const OptTensor& back_t,
+                bool has_back, double lr, double weight_decay, double momentum, double dampening,
+                bool nesterov, bool maximize, bool init_buffers) {
+  if (params.empty()) return at::zeros({}, at::kFloat);
+  TORCH_CHECK(momentum != 0, "sharpopt cuda: msam_sgd needs momentum != 0");
+  TORCH_CHECK(!(has_back && init_buffers), "sharpopt cuda: msam_sgd cannot move back along "
+              "buffers that do not exist yet (init_buffers)");
+  check_list(params, params, "params");
+  check_list(grads, params, "grads");
+  check_list(bufs, params, "momentum_buffers");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<Tensor> keep;
+  const sc::DevScalar b = msam_back_scalar(back, back_t, has_back, params[0], keep);
+  const auto args = sharpopt::math::make_sgd_args(lr, weight_decay, momentum, dampening, nesterov,
+                                                   maximize, init_buffers);
+  const int n = int(params.size());
+  const auto numel = numels(params);
+  const auto w = ptrs(params), g = ptrs(grads), m = ptrs(bufs);
+  const auto opts = params[0].options();
+  const bool f64 = params[0].scalar_type() == at::kDouble;
+  Tensor ws = at::empty({std::max<int64_t>(sc::reduction_units(n, numel.data(), nullptr), 1)},
+                        opts.dtype(at::kDouble));
+  Tensor out = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
+  check(sc::msam_sgd(dtype_of(params[0]), n, w.data(), g.data(), m.data(), numel.data(), args, b,
+                     has_back, ws.data_ptr<double>(), out.data_ptr(),
+                     c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+Tensor msam_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                 const std::vector<Tensor>& max_exp_avg_sqs, double back, const OptTensor& back_t,
+                 bool has_back, int64_t step, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
+  if (params.empty()) return at::zeros({}, at::kFloat);
+  TORCH_CHECK(step >= 1, "sharpopt cuda: msam_adam needs step >= 1, got ", step);
+  check_list(params, params, "params");
+  check_list(grads, params, "grads");
+  check_list(exp_avgs, params, "exp_avgs");
+  check_list(exp_avg_sqs, params, "exp_avg_sqs");
+  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<Tensor> keep;
+  const sc::DevScalar b = msam_back_scalar(back, back_t, has_back, params[0], keep);
+  const auto args = sharpopt::math::make_adam_args(step, lr, beta1, beta2, eps, weight_decay,
+                                                    decoupled, amsgrad, maximize);
+  const int n = int(params.size());
+  const auto numel = numels(params);
+  const auto w = ptrs(params), g = ptrs(grads), m = ptrs(exp_avgs), v = ptrs(exp_avg_sqs);
+  const auto vm = amsgrad ? ptrs(max_exp_avg_sqs) : std::vector<void*>();
+  const auto opts = params[0].options();
+  const bool f64 = params[0].scalar_type() == at::kDouble;
+  Tensor ws = at::empty({std::max<int64_t>(sc::reduction_units(n, numel.data(), nullptr), 1)},
+                        opts.dtype(at::kDouble));
+  Tensor out = at::empty({}, opts.dtype(f64 ? at::kDouble : at::kFloat));
+  check(sc::msam_adam(dtype_of(params[0]), n, w.data(), g.data(), m.data(), v.data(),
+                      amsgrad ? vm.data() : nullptr, numel.data(), args, b, has_back,
+                      ws.data_ptr<double>(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -266,4 +342,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lincomb", &lincomb);
   m.def("restore_sgd", &restore_sgd);
   m.def("restore_adam", &restore_adam);
+  m.def("msam_sgd", &msam_sgd);
+  m.def("msam_adam", &msam_adam);
 }

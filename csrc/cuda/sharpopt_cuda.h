@@ -66,4 +66,20 @@ cudaError_t restore_adam(DType dt, int n, void* const* params, const void* const
                          void* const* exp_avg_sqs, void* const* vmax, const int64_t* numel,
                          const sharpopt::math::AdamArgs<double>& args, cudaStream_t stream);
 
+// MSAM: w <- w~ + back * buf (when has_back; the old buffer), then sgd_elem; the sum of
+// squares of the updated buffers goes to `out` (float, or double for kFloat64) through
+// `workspace` (reduction_units(n, numel, nullptr) doubles). Needs args.has_momentum.
+cudaError_t msam_sgd(DType dt, int n, void* const* params, const void* const* grads,
+                     void* const* bufs, const int64_t* numel,
+                     const sharpopt::math::SgdArgs<double>& args, DevScalar back, bool has_back,
+                     double* workspace, void* out, cudaStream_t stream);
+
+// MSAM with Adam/AdamW: w <- w~ + back * exp_avg (when has_back), then adam_elem; the sum
+// of squares of the updated exp_avg goes to `out`. `vmax` may be null without amsgrad.
+cudaError_t msam_adam(DType dt, int n, void* const* params, const void* const* grads,
+                      void* const* exp_avgs, void* const* exp_avg_sqs, void* const* vmax,
+                      const int64_t* numel, const sharpopt::math::AdamArgs<double>& args,
+                      DevScalar back, bool has_back, double* workspace, void* out,
+                      cudaStream_t stream);
+
 }  // namespace sharpopt_cuda

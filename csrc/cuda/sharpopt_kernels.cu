@@ -815,4 +815,194 @@ cudaError_t restore_adam(DType dt, int n, void* const* params, const void* const
   });
 }
 
+// --- MSAM: move back from w~, base update, and the momentum's sum of squares ------------
+// One pass: each element is moved back (w = w~ + back * m, with the old m), updated by
+// sgd_elem / adam_elem, stored, and the square of the stored momentum is added to this
+// block's partial; finish_kernel adds the partials in order, as for sumsq. The streams a
+// pass loads and stores are template arguments, and the move-back scale travels as a
+// device pointer: with the partials pointer, the Adam kernel's arguments are exactly
+// 4096 bytes (static_assert below).
+namespace {
+
+struct MsamBack {     // the move-back scale, read on the device
+  const void* ptr;    // float, or double when f64; unused when !on
+  bool f64;
+  bool on;
+  template <class A> __device__ A read() const {
+    if (!on) return A(0);
+    return f64 ? A(*static_cast<const double*>(ptr)) : A(*static_cast<const float*>(ptr));
+  }
+};
+
+struct MsamSgdOp {  // streams: 0 w, 1 g, 2 buf; the norm is of stream 2
+  static constexpr int D = 3;
+  static constexpr int kNorm = 2;
+  SgdArgs<double> a;
+  MsamBack back;
+  template <class A> struct Ready { SgdArgs<A> a; A back; bool has_back; };
+  template <class A> __device__ Ready<A> prepare() const {
+    return {{A(a.lr), A(a.weight_decay), A(a.momentum), A(a.one_minus_dampening), A(a.grad_sign),
+             a.has_momentum, a.nesterov, a.init},
+            back.template read<A>(), back.on};
+  }
+  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D]) {
+    A w = x[0];
+    if (r.has_back) w = msam_back_elem(w, x[2], r.back);
+    sgd_elem(w, x[2], x[1], r.a);
+    x[0] = w;
+  }
+};
+
+struct MsamAdamOp {  // streams: 0 w, 1 g, 2 m, 3 v, 4 vmax; the norm is of stream 2
+  static constexpr int D = 5;
+  static constexpr int kNorm = 2;
+  AdamArgs<double> a;
+  MsamBack back;
+  template <class A> struct Ready { AdamArgs<A> a; A back; bool has_back; };
+  template <class A> __device__ Ready<A> prepare() const {
+    return {{A(a.grad_sign), A(a.decay), A(a.weight_decay), A(a.one_minus_beta1), A(a.beta2),
+             A(a.one_minus_beta2), A(a.bc2_sqrt), A(a.eps), A(a.step_size), a.decoupled, a.amsgrad},
+            back.template read<A>(), back.on};
+  }
+  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D]) {
+    A w = x[0];
+    if (r.has_back) w = msam_back_elem(w, x[2], r.back);
+    adam_elem(w, x[2], x[3], x[4], x[1], r.a);
+    x[0] = w;
+  }
+};
+
+// Table rows: the pointer of every stream in LOAD | STORE (in stream order), numel.
+template <class R, class Op, int LOAD, int STORE>
+__global__ void __launch_bounds__(kThreads)
+update_sumsq_kernel(Table tab, Op op, double* partials) {
+  constexpr int D = Op::D;
+  constexpr int V = 16 / sizeof(R);
+  constexpr int used = LOAD | STORE;
+  static_assert((STORE >> Op::kNorm) & 1, "the momentum stream must be stored");
+  using A = acc_t<R>;
+  const Slot slot = find_slot(tab, int(blockIdx.x));
+  const int t = slot.t;
+  const int nptr = __popc(used);
+  const int64_t begin = slot.unit * kChunk;
+  const int64_t end = min(table_word(tab, nptr, t), begin + kChunk);
+  const auto ready = op.template prepare<A>();
+
+  R* p[D];
+  bool vec = true;
+#pragma unroll
+  for (int k = 0; k < D; ++k) {
+    p[k] = nullptr;
+    if ((used >> k) & 1) {
+      p[k] = table_ptr<R>(tab, __popc(used & ((1 << k) - 1)), t);
+      vec = vec && aligned16(p[k]);
+    }
+  }
+  A acc = A(0);
+  int64_t tail = begin;
+  if (vec) {
+    const int64_t nvec = (end - begin) / V;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      const int64_t i = begin + j * V;
+      Pack<R, V> pk[D];
+#pragma unroll
+      for (int k = 0; k < D; ++k)
+        if ((LOAD >> k) & 1) pk[k] = *reinterpret_cast<const Pack<R, V>*>(p[k] + i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        A x[D];
+#pragma unroll
+        for (int k = 0; k < D; ++k) x[k] = ((LOAD >> k) & 1) ? to_acc(pk[k].v[e]) : A(0);
+        Op::apply(ready, x);
+#pragma unroll
+        for (int k = 0; k < D; ++k)
+          if ((STORE >> k) & 1) pk[k].v[e] = from_acc<R>(x[k]);
+        const A m = to_acc(pk[Op::kNorm].v[e]);  // the stored (rounded) momentum
+        acc += m * m;
+      }
+#pragma unroll
+      for (int k = 0; k < D; ++k)
+        if ((STORE >> k) & 1) *reinterpret_cast<Pack<R, V>*>(p[k] + i) = pk[k];
+    }
+    tail = begin + nvec * V;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
+    A x[D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) x[k] = ((LOAD >> k) & 1) ? to_acc(p[k][i]) : A(0);
+    Op::apply(ready, x);
+#pragma unroll
+    for (int k = 0; k < D; ++k)
+      if ((STORE >> k) & 1) p[k][i] = from_acc<R>(x[k]);
+    const A m = to_acc(from_acc<R>(x[Op::kNorm]));
+    acc += m * m;
+  }
+  const double total = block_sum(double(acc));
+  if (threadIdx.x == 0) partials[tab.unit_base + blockIdx.x] = total;
+}
+
+static_assert(KernelArgs<decltype(update_sumsq_kernel<double, MsamSgdOp, 0b111, 0b101>)>::bytes
+                  <= kMaxParamBytes, "MSAM SGD kernel arguments exceed 4096 bytes");
+static_assert(KernelArgs<decltype(update_sumsq_kernel<double, MsamAdamOp, 0b11111, 0b11101>)>::bytes
+                  <= kMaxParamBytes, "MSAM Adam kernel arguments exceed 4096 bytes");
+
+template <class R, class Op, int LOAD, int STORE>
+cudaError_t run_update_sumsq(DType dt, int n, const void* const* const (&lists)[Op::D],
+                             const int64_t* numel, const Op& op, double* workspace, void* out,
+                             cudaStream_t stream) {
+  TablePlan pl;
+  for (int k = 0; k < Op::D; ++k) {
+    if (!(((LOAD | STORE) >> k) & 1)) continue;
+    if (lists[k] == nullptr) return cudaErrorInvalidValue;
+    pl.lists[pl.nptr++] = lists[k];
+  }
+  const int64_t units = for_tables(pl, n, numel, nullptr, nullptr, 0, all,
+                                   [&](const Table& tab, int nb) {
+                                     update_sumsq_kernel<R, Op, LOAD, STORE>
+                                         <<<nb, kThreads, 0, stream>>>(tab, op, workspace);
+                                   });
+  const bool f64 = dt == DType::kFloat64;
+  finish_kernel<<<1, kThreads, 0, stream>>>(workspace, units, f64 ? nullptr : static_cast<float*>(out),
+                                            f64 ? static_cast<double*>(out) : nullptr);
+  return cudaSuccess;
+}
+
+MsamBack msam_back(const DevScalar& s, bool has_back) {
+  return {s.f64 ? static_cast<const void*>(s.f64) : static_cast<const void*>(s.f32),
+          s.f64 != nullptr, has_back};
+}
+
+}  // namespace
+
+cudaError_t msam_sgd(DType dt, int n, void* const* params, const void* const* grads,
+                     void* const* bufs, const int64_t* numel, const SgdArgs<double>& args,
+                     DevScalar back, bool has_back, double* workspace, void* out,
+                     cudaStream_t stream) {
+  if (!args.has_momentum || (has_back && args.init)) return cudaErrorInvalidValue;
+  if (has_back && !back.f32 && !back.f64) return cudaErrorInvalidValue;  // needs device memory
+  return dispatch(dt, [&](auto zero) {
+    using R = decltype(zero);
+    const void* const* lists[3] = {params, grads, bufs};
+    const MsamSgdOp op{args, msam_back(back, has_back)};
+    if (args.init)
+      return run_update_sumsq<R, MsamSgdOp, 0b011, 0b101>(dt, n, lists, numel, op, workspace, out, stream);
+    return run_update_sumsq<R, MsamSgdOp, 0b111, 0b101>(dt, n, lists, numel, op, workspace, out, stream);
+  });
+}
+
+cudaError_t msam_adam(DType dt, int n, void* const* params, const void* const* grads,
+                      void* const* exp_avgs, void* const* exp_avg_sqs, void* const* vmax,
+                      const int64_t* numel, const AdamArgs<double>& args, DevScalar back,
+                      bool has_back, double* workspace, void* out, cudaStream_t stream) {
+  if (has_back && !back.f32 && !back.f64) return cudaErrorInvalidValue;  // needs device memory
+  return dispatch(dt, [&](auto zero) {
+    using R = decltype(zero);
+    const void* const* lists[5] = {params, grads, exp_avgs, exp_avg_sqs, vmax};
+    const MsamAdamOp op{args, msam_back(back, has_back)};
+    if (args.amsgrad)
+      return run_update_sumsq<R, MsamAdamOp, 0b11111, 0b11101>(dt, n, lists, numel, op, workspace, out, stream);
+    return run_update_sumsq<R, MsamAdamOp, 0b01111, 0b01101>(dt, n, lists, numel, op, workspace, out, stream);
+  });
+}
+
 }  // namespace sharpopt_cuda

@@ -180,6 +180,72 @@ class Ops:
         """
         raise NotImplementedError
 
+    # -- MSAM: the move back from w~, the base update and the momentum norm in one pass ----
+    # The defaults below compose the primitive passes (three passes over the tensors); the
+    # fused backends override them with one pass that also returns the norm.
+    def msam_sgd(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        momentum_buffers: Sequence[Tensor],
+        back: Optional[Scalar],
+        *,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        maximize: bool,
+        init_buffers: bool,
+    ) -> Tensor:
+        """MSAM's step with SGD-momentum (``momentum != 0``); returns ``Σ_i ‖buf_i‖²`` of
+        the updated buffers (accumulated as :meth:`sumsq` does)::
+
+            w ← w + back · buf          (the move back from w~; skipped when back is None)
+            one torch.optim.SGD step on w with gradient grads (see restore_sgd)
+
+        ``back`` must be None when ``init_buffers`` (there is no buffer to move along).
+        """
+        if back is not None:
+            self.lincomb(params, [params, momentum_buffers], [1.0, back])
+        self.restore_sgd(params, None, grads, momentum_buffers, lr=lr,
+                         weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
+        return self.sumsq(momentum_buffers, momentum_buffers, adaptive=False, eta=0.0,
+                          centralize=False)
+
+    def msam_adam(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor],
+        back: Optional[Scalar],
+        *,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> Tensor:
+        """MSAM's step with Adam/AdamW; returns ``Σ_i ‖exp_avg_i‖²`` after the update::
+
+            w ← w + back · exp_avg      (the old exp_avg; skipped when back is None)
+            one torch.optim.Adam/AdamW step on w with gradient grads (see restore_adam)
+        """
+        if back is not None:
+            self.lincomb(params, [params, exp_avgs], [1.0, back])
+        self.restore_adam(params, None, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                          step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+                          maximize=maximize)
+        return self.sumsq(exp_avgs, exp_avgs, adaptive=False, eta=0.0, centralize=False)
+
 
 def same_layout(a: Tensor, b: Tensor) -> bool:
     """Same shape and the same memory order: equal strides on every dimension longer than

@@ -82,6 +82,23 @@ class CpuOps(Ops):
             int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(decoupled), bool(amsgrad), bool(maximize))
 
+    def msam_sgd(self, params, grads, momentum_buffers, back, *, lr, weight_decay, momentum,
+                 dampening, nesterov, maximize, init_buffers) -> Tensor:
+        value, tensor = _scalar(0.0 if back is None else back)
+        return self._ext.msam_sgd(
+            list(params), list(grads), list(momentum_buffers), value, tensor, back is not None,
+            float(lr), float(weight_decay), float(momentum), float(dampening), bool(nesterov),
+            bool(maximize), bool(init_buffers))
+
+    def msam_adam(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, back, *, step,
+                  lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> Tensor:
+        value, tensor = _scalar(0.0 if back is None else back)
+        return self._ext.msam_adam(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+            list(max_exp_avg_sqs) if amsgrad else [], value, tensor, back is not None,
+            int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            bool(decoupled), bool(amsgrad), bool(maximize))
+
 
 def load() -> Ops:
     """The ``cpu`` backend; raises BackendUnavailable when its extension cannot be built."""

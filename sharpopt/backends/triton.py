@@ -50,7 +50,7 @@ class TritonOps(Ops):
     requires_dense = True
 
     def __init__(self):
-        from ..kernels import lincomb, norm, perturb, restore_update
+        from ..kernels import lincomb, msam, norm, perturb, restore_update
         self.sumsq = _on_tensors_device(norm.sumsq)
         self.dot = _on_tensors_device(norm.dot)
         self.perturb = _on_tensors_device(perturb.perturb)
@@ -58,6 +58,8 @@ class TritonOps(Ops):
         self.lincomb = _on_tensors_device(lincomb.lincomb)
         self.restore_sgd = _on_tensors_device(restore_update.restore_sgd)
         self.restore_adam = _on_tensors_device(restore_update.restore_adam)
+        self.msam_sgd = _on_tensors_device(msam.msam_sgd)
+        self.msam_adam = _on_tensors_device(msam.msam_adam)
 
     def supports(self, device: torch.device) -> bool:
         device = torch.device(device)
