@@ -37,6 +37,10 @@ Bandwidth: a copy (``b.copy_(a)``, 8 B per element) and a triad (``a = b + s·c`
 on fp32 arrays much larger than the caches, in the same run; the best of several repeats
 is the ceiling (as STREAM reports), and ``%triad`` is a provider's byte-model GB/s over it.
 
+Host cost (:mod:`bench.bench_host`, ``--no-host`` skips it): the public SAM step on 160 and
+1200 one-element tensors, so that only the host's work is timed, in µs per tensor next to
+torch's fused and foreach single steps.
+
 MSAM (one gradient per step, no second pass) gets its own table after the cases
 (:mod:`bench.bench_msam`): its fused step on every backend next to torch.optim's plain step,
 in GB/s of its byte model and %triad (``--no-msam`` skips it).
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import datetime as _dt
 import os
 import statistics
@@ -370,6 +375,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-msam", dest="msam", action="store_false",
                     help="skip the MSAM table (bench.bench_msam)")
+    ap.add_argument("--no-host", dest="host", action="store_false",
+                    help="skip the host-cost table (bench.bench_host: µs per tensor)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory measurement")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -423,6 +430,19 @@ def main(argv=None) -> int:
         from .bench_msam import msam_table
         msam_rows = msam_table(device, args.workloads, {d: DTYPES[d] for d in args.dtypes},
                                bw["triad"]["best_gbs"], args.repeats, args.warmup, log)
+    host = {}
+    if args.host:
+        # In a fresh process: this one's large heap and allocator state would slow the very
+        # host work being measured (torch's own single step too, by ~3x here).
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "host.json")
+            subprocess.run([sys.executable, "-m", "bench.bench_host", "--repeat",
+                            str(60 if args.quick else 200), "--json", path],
+                           check=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
+            with open(path) as f:
+                host = json.load(f)["results"]
     elapsed = time.perf_counter() - started
     result = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -433,6 +453,7 @@ def main(argv=None) -> int:
                      "bases": {k: {"class": c.__name__, **kw} for k, (c, kw) in P.BASES.items()}},
         "cases": cases,
         "msam": msam_rows,
+        "host_us_per_tensor": host,
     }
     stem = f"{device.type}-{_dt.date.today().isoformat()}{'-quick' if args.quick else ''}{args.tag}"
     os.makedirs(args.out, exist_ok=True)

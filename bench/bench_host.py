@@ -38,39 +38,47 @@ BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4))
          "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))}
 
 
-def _params(n: int) -> List[torch.nn.Parameter]:
+#: Backends timed per device type (triton on CPU runs under the interpreter: not timed).
+BACKENDS = {"cpu": ("cpu", "foreach", "reference"), "cuda": ("triton", "cuda", "foreach")}
+
+
+def _params(n: int, device: torch.device) -> List[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(1, generator=g)) for _ in range(n)]
+    ps = [torch.nn.Parameter(torch.randn(1, generator=g).to(device)) for _ in range(n)]
     for p in ps:
-        p.grad = torch.randn(1, generator=g) * 1e-3
+        p.grad = (torch.randn(1, generator=g) * 1e-3).to(device)
     return ps
 
 
-def steps(n: int, base: str) -> Dict[str, Callable[[], None]]:
+def steps(n: int, base: str, device: torch.device) -> Dict[str, Callable[[], None]]:
     """Name -> one step over ``n`` one-element parameters (each callable owns its copy)."""
     cls, kw = BASES[base]
     out: Dict[str, Callable[[], None]] = {}
-    for backend in ("cpu", "foreach", "reference"):
+    for backend in BACKENDS.get(device.type, ("foreach",)):
         try:
-            resolve(backend, torch.device("cpu"))
+            resolve(backend, device)
         except BackendUnavailable:
             continue
         for check in (True, False):
-            opt = sharpopt.SAM(_params(n), cls, rho=0.05, backend=backend, check_finite=check,
-                               **kw)
+            opt = sharpopt.SAM(_params(n, device), cls, rho=0.05, backend=backend,
+                               check_finite=check, **kw)
 
             def sam(opt=opt):
                 opt.first_step()
                 opt.second_step()
             out[f"sharpopt {backend} SAM step" + ("" if check else ", check_finite=False")] = sam
     for flag in ("fused", "foreach"):
-        opt = cls(_params(n), **kw, **{flag: True})
+        opt = cls(_params(n, device), **kw, **{flag: True})
         out[f"torch {cls.__name__}({flag}=True) single step"] = opt.step
     return out
 
 
-def run(n: int, base: str, repeat: int, warmup: int = 20) -> Dict[str, dict]:
-    fns = steps(n, base)
+def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu"),
+        warmup: int = 20) -> Dict[str, dict]:
+    """Per step name: µs per tensor (median, best, quartiles) over ``repeat`` samples,
+    taken round-robin (on CUDA each sample ends with a synchronisation)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fns = steps(n, base, device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -78,8 +86,10 @@ def run(n: int, base: str, repeat: int, warmup: int = 20) -> Dict[str, dict]:
     names = list(fns)
     for r in range(repeat):
         for k in names[r % len(names):] + names[:r % len(names)]:
+            sync()
             t0 = time.perf_counter()
             fns[k]()
+            sync()
             times[k].append(time.perf_counter() - t0)
     out = {}
     for k, ts in times.items():
@@ -88,6 +98,33 @@ def run(n: int, base: str, repeat: int, warmup: int = 20) -> Dict[str, dict]:
                   "q25_us_per_tensor": q[0] / n * 1e6, "q75_us_per_tensor": q[2] / n * 1e6,
                   "median_ms": q[1] * 1e3}
     return out
+
+
+def host_table(device: torch.device, tensors=(160, 1200), repeat: int = 100, log=print) -> dict:
+    """The host-cost table of ``python -m bench``: every count and base, printed. Runs on
+    one thread (restored after): with one-element tensors a thread pool only adds its own
+    start-up cost to every pass."""
+    results = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = _host_table(device, tensors, repeat, log)
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def _host_table(device: torch.device, tensors, repeat: int, log) -> dict:
+    results = {}
+    for n in tensors:
+        for base in BASES:
+            res = results[f"{n} tensors, {base}"] = run(n, base, repeat, device)
+            log(f"host cost, {n} one-element tensors, base {base}: µs per tensor "
+                "(median, best, q25-q75)")
+            for k, v in res.items():
+                log(f"  {k:58s} {v['median_us_per_tensor']:6.2f}  {v['best_us_per_tensor']:6.2f}"
+                    f"  {v['q25_us_per_tensor']:.2f}-{v['q75_us_per_tensor']:.2f}")
+    return results
 
 
 def main(argv=None) -> dict:
@@ -104,14 +141,10 @@ def main(argv=None) -> dict:
               "machine": platform.machine(), "processor": platform.processor(),
               "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
               "sharpopt": sharpopt.__version__, "results": {}}
-    for n in (int(x) for x in args.tensors.split(",")):
-        for base in BASES:
-            res = run(n, base, args.repeat)
-            record["results"][f"{n} tensors, {base}"] = res
-            print(f"\n{n} one-element tensors, base {base}: µs per tensor (median, best, q25-q75)")
-            for k, v in res.items():
-                print(f"  {k:58s} {v['median_us_per_tensor']:6.2f}  {v['best_us_per_tensor']:6.2f}"
-                      f"  {v['q25_us_per_tensor']:.2f}-{v['q75_us_per_tensor']:.2f}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    record["device"] = str(device)
+    record["results"] = host_table(device, [int(x) for x in args.tensors.split(",")],
+                                   args.repeat)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)

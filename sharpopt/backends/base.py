@@ -3,8 +3,8 @@
 Every algorithm in sharpopt is written once (in ``sharpopt/<algorithm>.py``) as a short
 sequence of the passes below. A backend is an object with these methods; the optimizer
 wrappers never touch a tensor's elements themselves. Adding a backend therefore means
-implementing these seven passes, and its tests are the same suite run against
-``reference``.
+implementing these nine passes (the two MSAM passes have a composed default here), and
+its tests are the same suite run against ``reference``.
 
 Conventions shared by every pass:
 
