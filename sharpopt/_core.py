@@ -983,9 +983,11 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
         b.laid_out.add(key)
         return True
 
-    def _adam(self, b: Bucket, saved, d) -> None:
-        group, state = b.group, self.base_optimizer.state
-        amsgrad = group["amsgrad"]
+    def _adam_steps(self, b: Bucket) -> List[Tensor]:
+        """The step counters of bucket ``b``'s parameters, advanced by one, after creating
+        the Adam state where it is missing (zeros, as torch.optim.Adam does) and giving the
+        moments the parameters' layout once per plan (see :func:`_relaid`)."""
+        state, amsgrad = self.base_optimizer.state, b.group["amsgrad"]
         for p in b.sources:
             st = state[p]
             if len(st) == 0:
@@ -1000,6 +1002,12 @@ class SharpnessAware(_Core, metaclass=SortKeywords):
                 _relaid(state[p], keys, p)
         steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
+        return steps
+
+    def _adam(self, b: Bucket, saved, d) -> None:
+        group, state = b.group, self.base_optimizer.state
+        amsgrad = group["amsgrad"]
+        steps = self._adam_steps(b)
         # Step counts differ only when parameters joined at different times; the counters
         # live on the host (as torch.optim keeps them), so reading them costs no sync.
         by_step: Dict[float, List[int]] = {}

@@ -312,20 +312,7 @@ class MSAM(SharpnessAware):
     def _fused_adam(self, b: Bucket) -> List[Tensor]:
         group, state = b.group, self.base_optimizer.state
         amsgrad = group["amsgrad"]
-        for p in b.sources:
-            st = state[p]
-            if len(st) == 0:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if self._relayout_due(b, "adam"):
-            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-            for p in b.sources:
-                _relaid(state[p], keys, p)
-        steps = [state[p]["step"] for p in b.sources]
-        torch._foreach_add_(steps, 1)
+        steps = self._adam_steps(b)
         beta1, beta2 = group["betas"]
         decoupled = group.get("decoupled_weight_decay",
                               type(self.base_optimizer) is torch.optim.AdamW)
