@@ -16,7 +16,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive, _local, _relaid
+from ._plan import Bucket, _check_positive, _local, _relaid
 from .sam import SAM
 
 __all__ = ["FriendlySAM"]

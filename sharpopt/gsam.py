@@ -18,7 +18,7 @@ from typing import List
 
 import torch
 
-from ._core import Bucket, _check_positive
+from ._plan import Bucket, _check_positive
 from .sam import SAM
 
 __all__ = ["GSAM"]

@@ -43,7 +43,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._core import Bucket, SharpnessAware, _relaid
+from ._core import SharpnessAware
+from ._plan import Bucket, _relaid
 
 __all__ = ["MSAM"]
 
@@ -210,7 +211,7 @@ class MSAM(SharpnessAware):
         # Parameters without a gradient: _buckets would look at their (absent) gradients.
         # Only the move along m runs on them; a parameter that is not contiguous takes the
         # foreach backend, which indexes any layout.
-        from ._core import DTensor, _local, _reduce_groups
+        from ._plan import DTensor, _local, _reduce_groups
         from .backends import resolve
         by_key: Dict[tuple, List[Tensor]] = {}
         for p in params:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ._core import _check_positive, _Core
+from ._plan import _check_positive, _Core
 
 __all__ = ["RBO"]
 

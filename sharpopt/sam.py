@@ -20,7 +20,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._core import Bucket, SharpnessAware, _SkipStep, _check_positive
+from ._core import SharpnessAware, _SkipStep
+from ._plan import Bucket, _check_positive
 from .schedules import EveryK, Schedule
 
 __all__ = ["SAM", "ASAM", "GCSAM"]

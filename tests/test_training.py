@@ -431,7 +431,7 @@ def test_fused_adam_refuses_capture_without_capturable(backend, base, monkeypatc
     F.cross_entropy(model(x), y).backward()
     assert opt.first_step(zero_grad=True)
     F.cross_entropy(model(x), y).backward()
-    monkeypatch.setattr(sharpopt._core, "_capturing", lambda: True)
+    monkeypatch.setattr(sharpopt._plan, "_capturing", lambda: True)
     if backend == "reference":
         opt.second_step()
         return
@@ -451,7 +451,7 @@ def test_check_finite_refuses_capture_before_changing_anything(monkeypatch):
     _two_pass(model, x, y, opt.first_step, opt.second_step)
     snap = snapshot(model, opt)
     F.cross_entropy(model(x), y).backward()
-    monkeypatch.setattr(sharpopt._core, "_capturing", lambda: True)
+    monkeypatch.setattr(sharpopt._plan, "_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="check_finite=False"):
         opt.first_step()
     assert_unchanged(model, opt, snap, "refused capture")

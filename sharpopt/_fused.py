@@ -1,0 +1,196 @@
+"""The restore merged with a recognised base update (SGD, Adam, AdamW), or the generic
+"restore, then ``base.step()``" path; and ``max_grad_norm`` clipping before it.
+
+A mixin of :class:`sharpopt._core.SharpnessAware`: it reads ``self.base_optimizer``, the
+buckets of the step plan and the protocol's record of late gradients (``self._run``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _plan
+from ._plan import Bucket, _relaid
+
+
+class _FusedUpdate:
+    """``_restore_and_update`` and the fused SGD / Adam paths behind it."""
+
+    def _fusable(self) -> Optional[str]:
+        """'sgd' or 'adam' when the base optimizer's update can be merged, else None."""
+        base = self.base_optimizer
+        kind = None
+        if type(base) is torch.optim.SGD:
+            kind = "sgd"
+        elif type(base) in (torch.optim.Adam, torch.optim.AdamW):
+            kind = "adam"
+        if kind is None:
+            return None
+        for group in self.param_groups:
+            if group.get("differentiable") or group.get("capturable") or group.get("fused"):
+                return None
+            for key in ("lr", "betas", "weight_decay", "momentum"):
+                value = group.get(key)
+                values = value if isinstance(value, tuple) else (value,)
+                if any(isinstance(v, Tensor) for v in values):
+                    return None
+        return kind
+
+    def _restore_and_update(self, buckets: List[Bucket], *, restore: bool = True,
+                            directions: Optional[Callable[[Bucket], List[Tensor]]] = None
+                            ) -> None:
+        """``w ← saved`` (when ``restore``) and ``Base.step(d)``; ``d`` is ``p.grad``
+        unless ``directions`` gives other tensors; clipped first with ``max_grad_norm``."""
+        # An LR scheduler on either object warns unless it sees an optimizer step; the
+        # fused path never calls step(), so say that one happened.
+        self._opt_called = self.base_optimizer._opt_called = True
+        # Parameters whose gradient appeared only in the second pass take a plain step on
+        # it (see _late); base.step() below covers them by itself.
+        late, self._run.late = self._run.late, []
+        if self.max_grad_norm is not None:
+            # One global norm over every direction handed to the base optimizer, the late
+            # parameters' own gradients included (clip_grad_norm_ over all of them).
+            d_of = directions or (lambda b: b.grads)
+            late_ids = {id(b) for b in late}
+            self._clip(buckets + late, lambda b: b.grads if id(b) in late_ids else d_of(b))
+            directions = None      # the clipped direction is in p.grad now
+        kind = self._fusable()
+        if kind is None or not all(b.ops.fuses_base_update for b in buckets + late):
+            for b in buckets:
+                if restore:
+                    self._restore(b)
+                if directions is not None:
+                    for g, d in zip(b.grads, directions(b)):
+                        if d is not g:
+                            g.copy_(d)
+            self.base_optimizer.step()
+            return
+        if kind == "adam" and _plan._capturing():
+            # The fused Adam reads the step count on the host and bakes the bias
+            # corrections into the launch: a replayed graph would repeat step t forever.
+            if restore:
+                for b in buckets:
+                    self._restore(b)
+            raise RuntimeError(
+                f"{type(self).__name__}: the fused Adam/AdamW update cannot be captured in a "
+                "CUDA graph with capturable=False (its step count lives on the host, so every "
+                "replay would repeat the same bias correction). Pass capturable=True to the "
+                "base optimizer for CUDA-graph capture; the weights were restored to w."
+            )
+        for b in buckets:
+            saved = self._buffers("saved", b.sources) if restore else None
+            d = directions(b) if directions is not None else b.grads
+            if kind == "sgd":
+                self._sgd(b, saved, d)
+            else:
+                self._adam(b, saved, d)
+        for b in late:
+            (self._sgd if kind == "sgd" else self._adam)(b, None, b.grads)
+
+    def _clip(self, buckets: List[Bucket], directions: Callable[[Bucket], List[Tensor]]) -> None:
+        """``p.grad ← d · min(1, max_grad_norm / (‖d‖ + 1e-6))``, ``‖d‖`` global, as
+        ``torch.nn.utils.clip_grad_norm_`` (which also multiplies when the factor is 1).
+        ``d`` itself is left alone when it is another buffer (WSAM reads its ``g`` again).
+
+        One norm pass (read ``d``) and one scaling pass (read ``d``, write ``p.grad``), the
+        factor kept on the device. The scaling is not merged into the base update because
+        the unmerged path (``reference``, or any base optimizer other than SGD/Adam/AdamW)
+        hands ``p.grad`` to ``Base.step``, which must then see the clipped values.
+        """
+        norm = self._norm(buckets, directions)
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for b in buckets:
+            self._lincomb(b, b.grads, [(coef, directions(b))])
+
+    def _sgd(self, b: Bucket, saved, d) -> None:
+        group, state = b.group, self.base_optimizer.state
+        kw = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                  dampening=group["dampening"], nesterov=group["nesterov"],
+                  maximize=group["maximize"])
+        if group["momentum"] == 0:
+            b.ops.restore_sgd(b.params, saved, d, [], init_buffers=False, **kw)
+            return
+        # Parameters that have no momentum buffer yet (first step, or a group added
+        # later) take buf = d, as torch.optim.SGD does; the others the running average.
+        states = [state[p] for p in b.sources]
+        bufs = [st.get("momentum_buffer") for st in states]
+        fresh = [i for i, m in enumerate(bufs) if m is None]
+        if not fresh:                                  # every step after the first
+            if self._relayout_due(b, "momentum_buffer"):
+                for st, p in zip(states, b.sources):
+                    _relaid(st, ("momentum_buffer",), p)
+                bufs = [st["momentum_buffer"] for st in states]
+            b.ops.restore_sgd(b.params, saved, d, b.local(bufs), init_buffers=False, **kw)
+            return
+        for init in (False, True):
+            idx = [i for i, m in enumerate(bufs) if (m is None) == init]
+            if not idx:
+                continue
+            ps = [b.sources[i] for i in idx]
+            if init:
+                for p in ps:
+                    state[p]["momentum_buffer"] = torch.empty_like(p)
+            elif b.ops.requires_dense and not b.sharded:
+                for p in ps:
+                    _relaid(state[p], ("momentum_buffer",), p)
+            b.ops.restore_sgd(
+                b.local(ps), None if saved is None else [saved[i] for i in idx],
+                [d[i] for i in idx], b.local([state[p]["momentum_buffer"] for p in ps]),
+                init_buffers=init, **kw,
+            )
+
+    @staticmethod
+    def _relayout_due(b: Bucket, key: str) -> bool:
+        """Whether state ``key`` of bucket ``b`` must still be checked against the
+        parameters' layout (:func:`_relaid`): once per plan, for the backends that walk
+        memory; state made later is made in the parameter's layout."""
+        if not b.ops.requires_dense or b.sharded or key in b.laid_out:
+            return False
+        b.laid_out.add(key)
+        return True
+
+    def _adam_steps(self, b: Bucket) -> List[Tensor]:
+        """The step counters of bucket ``b``'s parameters, advanced by one, after creating
+        the Adam state where it is missing (zeros, as torch.optim.Adam does) and giving the
+        moments the parameters' layout once per plan (see :func:`_relaid`)."""
+        state, amsgrad = self.base_optimizer.state, b.group["amsgrad"]
+        for p in b.sources:
+            st = state[p]
+            if len(st) == 0:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self._relayout_due(b, "adam"):
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+            for p in b.sources:
+                _relaid(state[p], keys, p)
+        steps = [state[p]["step"] for p in b.sources]
+        torch._foreach_add_(steps, 1)
+        return steps
+
+    def _adam(self, b: Bucket, saved, d) -> None:
+        group, state = b.group, self.base_optimizer.state
+        amsgrad = group["amsgrad"]
+        steps = self._adam_steps(b)
+        # Step counts differ only when parameters joined at different times; the counters
+        # live on the host (as torch.optim keeps them), so reading them costs no sync.
+        by_step: Dict[float, List[int]] = {}
+        for i, s in enumerate(steps):
+            by_step.setdefault(float(s), []).append(i)
+        beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
+        for step, idx in by_step.items():
+            ps = [b.sources[i] for i in idx]
+            b.ops.restore_adam(
+                b.local(ps), None if saved is None else [saved[i] for i in idx],
+                [d[i] for i in idx], b.local([state[p]["exp_avg"] for p in ps]),
+                b.local([state[p]["exp_avg_sq"] for p in ps]),
+                b.local([state[p]["max_exp_avg_sq"] for p in ps]) if amsgrad else [],
+                step=int(step), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
+                maximize=group["maximize"],
+            )
