@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.base import is_dense, same_layout
+from ..backends.base import is_dense, rows_are_blocks, same_layout
 
 # Read once at import, as triton.jit does: the kernels below are interpreted or compiled
 # for the whole process.
@@ -238,7 +238,7 @@ def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False) -
                                  f"{tuple(t.stride())} against {tuple(like.stride())})")
     if kind == "rows" or rows_view:
         for t in first:        # a row is reduced (or centred) as one block of memory
-            if t.dim() > 1 and t.shape[0] > 1 and 0 < t.numel() != t.stride(0) * t.shape[0]:
+            if not rows_are_blocks(t):
                 raise ValueError("sharpopt triton backend: gradient centralisation needs each "
                                  f"row in one block of memory (strides {tuple(t.stride())})")
     # units: (tensor index, ncols, nrows, group, starts) -- group separates launches. Every

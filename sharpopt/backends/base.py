@@ -265,6 +265,14 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def rows_are_blocks(t: Tensor) -> bool:
+    """Whether each row ``t[r, ...]`` is one block of memory (dim 0 the outermost), as
+    gradient centralisation's row passes need; trivially so for ``dim <= 1``, a single row
+    or an empty tensor."""
+    return t.dim() <= 1 or t.shape[0] <= 1 or t.numel() == 0 or \
+        t.stride(0) * t.shape[0] == t.numel()
+
+
 def layout_problem(p: Tensor, g: Optional[Tensor], *, rows: bool) -> Optional[str]:
     """Why a ``requires_dense`` backend cannot run parameter ``p`` with gradient ``g``
     (None when it can): both dense and non-overlapping and laid out alike, and, with
@@ -275,7 +283,7 @@ def layout_problem(p: Tensor, g: Optional[Tensor], *, rows: bool) -> Optional[st
         return "it is not dense (a strided view or an overlapping tensor)"
     if g is not None and not same_layout(p, g):
         return f"its gradient has other strides {tuple(g.stride())}"
-    if rows and p.dim() > 1 and p.shape[0] > 1 and 0 < p.numel() != p.stride(0) * p.shape[0]:
+    if rows and not rows_are_blocks(p):
         return "gradient centralisation needs each row in one block of memory (dim 0 outermost)"
     return None
 
