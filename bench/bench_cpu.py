@@ -1,20 +1,25 @@
-"""Benchmark of one full SAM step on the CPU, pass by pass through the backends' Ops.
+"""Benchmark of one full SAM step on the CPU: what a user calls, then pass by pass.
 
-The parameter set has the shapes of ResNet-50 (161 tensors, 25.6 M parameters, fp32). One
-step is what the SAM wrapper runs around the user's two backward passes:
+The parameter set has the shapes of ResNet-50 (161 tensors, 25.6 M parameters, fp32).
 
-    s = sumsq(g)                      # norm pass
-    perturb(w, g, saved, rho / (sqrt(s) + eps))
-    restore_sgd(...)  or  restore_adam(...)
+* **The public step** (the headline): ``sharpopt.SAM(params, SGD|AdamW, backend=...)``
+  with its defaults (``check_finite=True``), ``first_step()`` + ``second_step()`` on fixed
+  gradients (the user's two backward passes are not timed); also with
+  ``check_finite=False``, which shows what the default inf/NaN check costs.
+* **The passes** (a breakdown): the three backend calls the step makes, through ``Ops``
+  directly, each timed alone and together::
 
-Each backend (cpu, foreach, reference) is timed on the same tensors. The floor is the
-docs/byte-model.md (40 B/param with SGD-momentum, 48 B/param with AdamW) divided by the
-triad bandwidth ``a = b + s * c`` measured in the same run (12 B/element, the STREAM
-convention). The backends are timed round-robin and compared on their best run, which is
-the least disturbed one on a shared machine; median and p90 are printed next to it. Results are printed and appended as one JSON line to
-``bench/out/bench_cpu.jsonl`` with the machine, versions and date.
+      s = sumsq(g)                      # norm pass
+      perturb(w, g, saved, rho / (sqrt(s) + eps))
+      restore_sgd(...)  or  restore_adam(...)
 
-    python bench/bench_cpu.py [--repeat 15] [--threads N] [--backends cpu,foreach,reference]
+The floor is the docs/byte-model.md count (40 B/param with SGD-momentum, 48 B/param with
+AdamW) over the triad bandwidth ``a = b + s * c`` measured in the same run (12 B/element,
+the STREAM convention). Candidates are timed round-robin; the figures are the median, with
+the best run and the p10-p90 spread beside it. Results are printed and appended as one
+JSON line to ``bench/out/bench_cpu.jsonl`` with the machine, versions, date and command.
+
+    python bench/bench_cpu.py [--repeat 15] [--threads N] [--backends cpu,foreach]
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sharpopt  # noqa: E402
 from sharpopt.backends import resolve  # noqa: E402
 
 RHO, EPS = 0.05, 1e-12
@@ -114,6 +120,49 @@ def sam_step(ops, st, opt):
                          amsgrad=False, maximize=False)
 
 
+def public_step(shapes, opt, backend, check_finite, seed=0):
+    """A ``sharpopt.SAM`` over fresh parameters of ``shapes`` with fixed gradients, and the
+    callable of one whole step as a user runs it (without the backward passes)."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    base, kw = ((torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)) if opt == "sgd"
+                else (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)))
+    sam = sharpopt.SAM(ps, base, rho=RHO, backend=backend, check_finite=check_finite, **kw)
+
+    def step():
+        sam.first_step()
+        sam.second_step()
+    return step
+
+
+def passes(ops, st, opt):
+    """The step's three backend calls, each alone (for the breakdown)."""
+    box = {}
+
+    def norm():
+        box["s"] = ops.sumsq(st["g"], st["p"], adaptive=False, eta=0.0, centralize=False)
+
+    def perturb():
+        ops.perturb(st["p"], st["g"], st["saved"], RHO / (box["s"].sqrt() + EPS),
+                    adaptive=False, eta=0.0)
+
+    def update():
+        if opt == "sgd":
+            ops.restore_sgd(st["p"], st["saved"], st["g"], st["buf"], lr=0.1,
+                            weight_decay=5e-4, momentum=0.9, dampening=0.0, nesterov=False,
+                            maximize=False, init_buffers=False)
+        else:
+            ops.restore_adam(st["p"], st["saved"], st["g"], st["m"], st["v"], [], step=10,
+                             lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
+                             decoupled=True, amsgrad=False, maximize=False)
+    # bytes per parameter of each pass (docs/byte-model.md): norm reads g; perturb reads
+    # w, g and writes saved, w; the update reads saved, g, state and writes state, w
+    update_bytes = 20 if opt == "sgd" else 28
+    return {"norm": (norm, 4), "perturb": (perturb, 16), "update": (update, update_bytes)}
+
+
 def allocated_bytes(fn):
     """Largest single CPU allocation made by fn (profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
@@ -128,7 +177,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--backends", default="cpu,foreach,reference")
+    ap.add_argument("--backends", default="cpu,foreach")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_cpu.jsonl"))
     args = ap.parse_args()
     if args.threads:
@@ -145,42 +194,64 @@ def main():
     print(f"# triad a = b + s*c, 12 B/element, best of {args.repeat}: "
           + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in triads.items())
           + f"; the floor uses {bw / 1e9:.2f}")
-    print(f"# times: best, median and p90 of {args.repeat} interleaved runs; GB/s (byte model) "
-          f"and floor/t from the best. A triad also reads each written line first "
-          f"(write-allocate), as do the passes' stores to saved/params, so floor/t can exceed 1.")
+    print(f"# times: median, best and p10-p90 of {args.repeat} interleaved runs; GB/s (byte "
+          f"model) and % of the floor from the median. A triad also reads each written line "
+          f"first (write-allocate), as do the passes' stores, so % floor can exceed 100.")
 
     gen = torch.Generator().manual_seed(0)
     st = make_state(shapes, gen)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv),
               "machine": platform.machine(), "processor": platform.processor(),
               "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(),
               "params": n, "tensors": len(shapes),
               "triad_GBps": {k: v / 1e9 for k, v in triads.items()}, "results": {}}
+    head = (f"{'':>34} {'median ms':>9} {'best':>7} {'p10-p90':>13} {'GB/s':>6} "
+            f"{'% floor':>7}")
     for opt in ("sgd", "adamw"):
-        floor = BYTES_PER_PARAM[opt] * n / bw
+        nbytes = BYTES_PER_PARAM[opt] * n
+        floor = nbytes / bw
         print(f"\nSAM + {'SGD(momentum 0.9, wd 5e-4)' if opt == 'sgd' else 'AdamW(wd 1e-2)'}: "
               f"byte model {BYTES_PER_PARAM[opt]} B/param -> floor {floor * 1e3:.1f} ms")
-        print(f"{'backend':>10} {'min ms':>8} {'median':>8} {'p90':>8} {'GB/s':>7} {'floor/t':>8}")
-        med = {}
-        times = round_robin({name: (lambda ops=ops: sam_step(ops, st, opt))
-                             for name, ops in backends.items()}, args.repeat)
-        for name, ts in times.items():
+        print(head)
+
+        def report(label, key, ts, nb):
             q = quantiles(ts)
-            med[name] = q["min"]
-            eff = BYTES_PER_PARAM[opt] * n / q["min"]
-            print(f"{name:>10} {q['min'] * 1e3:8.2f} {q['median'] * 1e3:8.2f} {q['p90'] * 1e3:8.2f} "
-                  f"{eff / 1e9:7.2f} {floor / q['min']:8.2f}")
-            record["results"][f"{opt}/{name}"] = {**{k: v * 1e3 for k, v in q.items()},
-                                                  "floor_ms": floor * 1e3}
-        if "cpu" in med:
-            for other in ("foreach", "reference"):
-                if other in med:
-                    print(f"  cpu is {med[other] / med['cpu']:.2f}x faster than {other}")
+            eff = nb / q["median"]
+            fl = nb / bw
+            print(f"{label:>34} {q['median'] * 1e3:9.2f} {q['min'] * 1e3:7.2f} "
+                  f"{q['p10'] * 1e3:6.2f}-{q['p90'] * 1e3:<6.2f} {eff / 1e9:6.2f} "
+                  f"{100 * fl / q['median']:6.0f}%")
+            record["results"][f"{opt}/{key}"] = {**{k: v * 1e3 for k, v in q.items()},
+                                                 "floor_ms": fl * 1e3,
+                                                 "floor_fraction": fl / q["median"]}
+            return q
+        # the public step, every backend with its defaults and with the check off
+        steps = {}
+        for name in names:
+            for check in (True, False):
+                steps[(name, check)] = public_step(shapes, opt, name, check)
+        times = round_robin({k: v for k, v in steps.items()}, args.repeat)
+        for (name, check), ts in times.items():
+            label = f"{name} SAM step, " + ("defaults" if check else "check_finite=False")
+            report(label, f"step/{name}/" + ("defaults" if check else "no-check"), ts, nbytes)
+        steps.clear()
+        # the passes through Ops: the whole sequence and each pass alone
+        for name, ops in backends.items():
+            parts = passes(ops, st, opt)
+            times = round_robin({"all": lambda ops=ops: sam_step(ops, st, opt),
+                                 **{k: f for k, (f, _) in parts.items()}}, args.repeat)
+            report(f"{name} passes via Ops (3 calls)", f"passes/{name}", times.pop("all"),
+                   nbytes)
+            for k, ts in times.items():
+                report(f"{name}   {k} ({parts[k][1]} B/param)", f"passes/{name}/{k}", ts,
+                       parts[k][1] * n)
+        if "cpu" in backends:
             big = allocated_bytes(lambda: sam_step(backends["cpu"], st, opt))
             print(f"  largest allocation inside a cpu step: {big} B "
                   f"(largest parameter: {max(torch.Size(s).numel() for s in shapes) * 4} B)")
-            record["results"][f"{opt}/cpu"]["largest_alloc_B"] = big
+            record["results"][f"{opt}/passes/cpu"]["largest_alloc_B"] = big
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -10,6 +10,9 @@ it times, interleaved round-robin and reported as the median (with best and spre
   backend present (``triton`` is left out under the interpreter, whose per-operation cost
   is not the compiled launcher's), with the library defaults (``check_finite=True``) and
   with ``check_finite=False``;
+* on a machine without a GPU, ``triton``'s Python share: its public step with every
+  kernel launch replaced by a no-op (the wrapper, the plan, the launchers' argument
+  preparation; not the launch itself, which only a GPU can time);
 * torch's own *single* base step for comparison: ``SGD``/``AdamW`` with ``fused=True``
   and with ``foreach=True``.
 
@@ -31,8 +34,13 @@ from typing import Callable, Dict, List
 
 import torch
 
-import sharpopt
-from sharpopt.backends import BackendUnavailable, resolve
+if not torch.cuda.is_available():
+    # triton's launchers load on CPU tensors only with its interpreter on (set before
+    # triton is imported); their kernels are stubbed out below, so it never runs one.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sharpopt  # noqa: E402
+from sharpopt.backends import BackendUnavailable, resolve  # noqa: E402
 
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
          "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))}
@@ -40,6 +48,39 @@ BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4))
 
 #: Backends timed per device type (triton on CPU runs under the interpreter: not timed).
 BACKENDS = {"cpu": ("cpu", "foreach", "reference"), "cuda": ("triton", "cuda", "foreach")}
+
+
+class _NoLaunch:
+    """Stands for a Triton kernel: ``kernel[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return _no_launch
+
+
+def _no_launch(*args, **kwargs):
+    return None
+
+
+class _NoReduce(_NoLaunch):
+    """Stands for the reductions' last kernel: writes a norm of 1 (one small op per
+    reduction) so that the step's inf/NaN check sees a finite norm."""
+
+    def __getitem__(self, grid):
+        return lambda partials, out, *args, **kwargs: out.fill_(1.0)
+
+
+def stub_triton_launches() -> bool:
+    """Replace every kernel of ``sharpopt.kernels`` by :class:`_NoLaunch` (for this
+    process); False when triton cannot be imported."""
+    try:
+        from sharpopt.kernels import lincomb, msam, norm, perturb, restore_update
+    except ImportError:
+        return False
+    for module in (lincomb, msam, norm, perturb, restore_update):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                setattr(module, name, _NoReduce() if name == "_finish_kernel" else _NoLaunch())
+    return True
 
 
 def _params(n: int, device: torch.device) -> List[torch.nn.Parameter]:
@@ -67,6 +108,17 @@ def steps(n: int, base: str, device: torch.device) -> Dict[str, Callable[[], Non
                 opt.first_step()
                 opt.second_step()
             out[f"sharpopt {backend} SAM step" + ("" if check else ", check_finite=False")] = sam
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" \
+            and stub_triton_launches():
+        for check in (True, False):
+            opt = sharpopt.SAM(_params(n, device), cls, rho=0.05, backend="triton",
+                               check_finite=check, **kw)
+
+            def sam(opt=opt):
+                opt.first_step()
+                opt.second_step()
+            out["sharpopt triton SAM step, launches stubbed"
+                + ("" if check else ", check_finite=False")] = sam
     for flag in ("fused", "foreach"):
         opt = cls(_params(n, device), **kw, **{flag: True})
         out[f"torch {cls.__name__}({flag}=True) single step"] = opt.step

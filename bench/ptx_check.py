@@ -112,34 +112,47 @@ def variants(full: bool = False) -> List[Variant]:
                 {**table, "partials": f"*{a}", "first": "i32", "eta": "fp64"},
                 dict(MODE=mode, **flat_common(dt, al)), dt, True, al, 1 + (mode > 0), 0,
                 f"MODE={mode}")
-        # perturb: scale in device memory or by value
-        space = [dict(s, scale_ptr=p) for s in _bool_space(("SAVE", "ADAPTIVE"))
-                 for p in (None, f"*{a}")]
+        # perturb: scale in device memory or by value; the non-finite guard's flag or none
+        space = [dict(s, scale_ptr=p, flag=f) for s in _bool_space(("SAVE", "ADAPTIVE"))
+                 for p in (None, f"*{a}") for f in (None, "*fp32")]
         for sw in _cover(space, full):
             sig = {**table, "scale_val": "fp64", "eta": "fp64"}
             consts = dict(SAVE=sw["SAVE"], ADAPTIVE=sw["ADAPTIVE"], **flat_common(dt, al))
-            if sw["scale_ptr"] is None:
-                consts["scale_ptr"] = None
-            else:
-                sig["scale_ptr"] = sw["scale_ptr"]
+            for name in ("scale_ptr", "flag"):
+                if sw[name] is None:
+                    consts[name] = None
+                else:
+                    sig[name] = sw[name]
             add("perturb", "_perturb_kernel", sig, consts, dt, True, al, 2,
                 1 + sw["SAVE"], _label(sw))
-        # restore + SGD
-        for sw in _cover(_bool_space(("HAS_SAVED", "MOMENTUM", "NESTEROV", "MAXIMIZE")),
-                         full):
-            add("restore_update", "_sgd_kernel",
-                {**table, **{k: "fp64" for k in ("lr", "wd", "mom", "damp1")},
-                 "init": "i32"},
-                dict(sw, **flat_common(dt, al)), dt, True, al, 2 + sw["MOMENTUM"],
-                1 + sw["MOMENTUM"], _label(sw))
-        # restore + Adam(W)
-        for sw in _cover(_bool_space(("HAS_SAVED", "DECOUPLED", "AMSGRAD", "MAXIMIZE")),
-                         full):
-            add("restore_update", "_adam_kernel",
-                {**table, **{k: "fp64" for k in ("wd", "decay", "beta1c", "beta2", "beta2c",
-                                                  "step_size", "bc2_sqrt", "eps")}},
-                dict(sw, **flat_common(dt, al)), dt, True, al, 4 + sw["AMSGRAD"],
-                3 + sw["AMSGRAD"], _label(sw))
+        # restore + SGD / Adam(W), with the guard's flag or without: its one scalar store
+        # of found_inf is the kernel's last 32-bit store (as a partial sum's)
+        def guarded(space):
+            return [dict(s, flag=f) for s in space for f in (None, "*fp32")]
+
+        for sw in _cover(guarded(_bool_space(("HAS_SAVED", "MOMENTUM", "NESTEROV",
+                                               "MAXIMIZE"))), full):
+            sig = {**table, **{k: "fp64" for k in ("lr", "wd", "mom", "damp1")}, "init": "i32"}
+            consts = dict({k: v for k, v in sw.items() if k != "flag"}, **flat_common(dt, al))
+            if sw["flag"] is None:
+                consts["flag"] = None
+            else:
+                sig["flag"] = sw["flag"]
+            add("restore_update", "_sgd_kernel", sig, consts, dt, True, al,
+                2 + sw["MOMENTUM"], 1 + sw["MOMENTUM"], _label(sw),
+                partial_store=sw["flag"] is not None)
+        for sw in _cover(guarded(_bool_space(("HAS_SAVED", "DECOUPLED", "AMSGRAD",
+                                               "MAXIMIZE"))), full):
+            sig = {**table, **{k: "fp64" for k in ("wd", "decay", "beta1c", "beta2", "beta2c",
+                                                    "step_size", "bc2_sqrt", "eps")}}
+            consts = dict({k: v for k, v in sw.items() if k != "flag"}, **flat_common(dt, al))
+            if sw["flag"] is None:
+                consts["flag"] = None
+            else:
+                sig["flag"] = sw["flag"]
+            add("restore_update", "_adam_kernel", sig, consts, dt, True, al,
+                4 + sw["AMSGRAD"], 3 + sw["AMSGRAD"], _label(sw),
+                partial_store=sw["flag"] is not None)
         # MSAM: move back + SGD / Adam(W) + the momentum's sum of squares (kernels/msam.py);
         # the move-back scale in device memory or by value. HAS_BACK and INIT never come
         # together from the launcher; the all-on cover compiles them together anyway.

@@ -6,7 +6,7 @@
 // with `float`/`double` in registers. bf16/fp16 values are widened to fp32 before they
 // reach these functions and rounded once when stored, so the functions never see them.
 //
-// The helpers `sopt_abs`, `sopt_sqrt`, `sopt_max` are called unqualified: a caller that
+// The helpers `sopt_abs`, `sopt_sqrt`, `sopt_max`, `sopt_keep` are called unqualified: a caller that
 // instantiates the templates with its own vector type declares overloads for it in
 // namespace `sharpopt::math` *before* including this header (see csrc/cpu/).
 //
@@ -32,6 +32,9 @@ SOPT_HD double sopt_sqrt(double x) { return sqrt(x); }
 // NaN-propagating like torch.maximum (fmax would drop a NaN).
 SOPT_HD float sopt_max(float a, float b) { return (a != a || a > b) ? a : b; }
 SOPT_HD double sopt_max(double a, double b) { return (a != a || a > b) ? a : b; }
+// `old` where z is NaN, else `fresh` (the non-finite guard below).
+SOPT_HD float sopt_keep(float z, float fresh, float old) { return z != z ? old : fresh; }
+SOPT_HD double sopt_keep(double z, double fresh, double old) { return z != z ? old : fresh; }
 
 // ---------------------------------------------------------------------------------
 // perturb:  w <- s + scale * T^2 (g - mu),  T = |s| + eta  (T = 1 unless adaptive)
@@ -146,6 +149,37 @@ SOPT_HD void adam_elem(T& w, T& m, T& v, T& vmax, T g, const AdamArgs<T>& a) {
   }
   T denom = sopt_sqrt(vv) / a.bc2_sqrt + a.eps;
   w = w - (a.step_size * m) / denom;
+}
+
+// ---------------------------------------------------------------------------------
+// The non-finite guard of the update passes (check_finite): an element whose gradient g
+// is inf or NaN keeps its weight (the restored w) and its optimizer state; every other
+// element takes the step. z = g - g is 0 for a finite g and NaN otherwise, and `seen`
+// accumulates z, so it ends NaN when any element was skipped (the caller sets found_inf).
+// A momentum buffer created by this step (init) starts at 0 where its element is skipped.
+// ---------------------------------------------------------------------------------
+template <class T>
+SOPT_HD void sgd_elem_guarded(T& w, T& buf, T g, const SgdArgs<T>& a, T& seen) {
+  const T w0 = w;
+  const T b0 = a.init ? T(0.0) : buf;
+  sgd_elem(w, buf, g, a);
+  const T z = g - g;
+  w = sopt_keep(z, w, w0);
+  buf = sopt_keep(z, buf, b0);
+  seen = seen + z;
+}
+
+template <class T>
+SOPT_HD void adam_elem_guarded(T& w, T& m, T& v, T& vmax, T g, const AdamArgs<T>& a,
+                               T& seen) {
+  const T w0 = w, m0 = m, v0 = v, x0 = vmax;
+  adam_elem(w, m, v, vmax, g, a);
+  const T z = g - g;
+  w = sopt_keep(z, w, w0);
+  m = sopt_keep(z, m, m0);
+  v = sopt_keep(z, v, v0);
+  if (a.amsgrad) vmax = sopt_keep(z, vmax, x0);
+  seen = seen + z;
 }
 
 // ---------------------------------------------------------------------------------

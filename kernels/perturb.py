@@ -3,6 +3,8 @@
 ``T = |saved| + eta`` when adaptive (else 1); ``C`` subtracts the fp32 row means that
 ``sumsq`` wrote, for the tensors that have a means buffer. ``scale`` may live in device
 memory (``rho / (norm + eps)`` computed on the device), so no host sync is needed.
+With the non-finite guard's flag (``found_inf``), ``flag[0] != 0`` makes ``e = 0``: the
+step is skipped without a host read of the norm.
 With SGD-momentum SAM this pass is 16 bytes per fp32 parameter (read w, g; write saved, w).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .tables import device_fn, address, block_of, load, pointer, scalar_value, s
 
 
 @device_fn
-def _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, eta,
+def _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, eta, skip,
                    SAVE: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr, MASKED: tl.constexpr):
     lanes, left = tl.arange(0, BLOCK), (stop - off).to(tl.int32)
@@ -52,11 +54,14 @@ def _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, eta,
     if ADAPTIVE:
         t = tl.abs(s) + eta
         d = d * t * t
-    store(w_ptr, lanes, s + scale * d, left, MASKED)
+    e = scale * d
+    if skip is not None:
+        e = tl.where(skip != 0, 0.0, e)   # not 0 * d: d may be inf
+    store(w_ptr, lanes, s + e, left, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors"])
-def _perturb_kernel(table, ntensors, scale_ptr, scale_val: tl.float64, eta: tl.float64,
+def _perturb_kernel(table, ntensors, scale_ptr, scale_val: tl.float64, eta: tl.float64, flag,
                     SAVE: tl.constexpr, ADAPTIVE: tl.constexpr, DT: tl.constexpr,
                     ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                     CHUNK: tl.constexpr):
@@ -69,21 +74,26 @@ def _perturb_kernel(table, ntensors, scale_ptr, scale_val: tl.float64, eta: tl.f
     means = address(table, ntensors, t, 3)
     scale = scalar_value(scale_ptr, scale_val, ACC)
     e = tl.full([], eta, ACC)
+    if flag is None:
+        skip = None
+    else:
+        skip = tl.load(flag)
     stop = tl.minimum(start + CHUNK, n)
     full = start + (stop - start) // BLOCK * BLOCK
     for off in range(start, full, BLOCK):
-        _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, e,
+        _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, e, skip,
                        SAVE, ADAPTIVE, ACC, BLOCK, False)
     # The masked tail in half vectors: with 8 elements per thread the 8 live
     # per-element predicates exceed the 7 predicate registers and spill.
     for off in range(full, stop, BLOCK // 2):
-        _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, e,
+        _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, e, skip,
                        SAVE, ADAPTIVE, ACC, BLOCK // 2, True)
 
 
 def perturb(params: Sequence[Tensor], grads: Sequence[Tensor], saved: Sequence[Tensor],
             scale, *, adaptive: bool, eta: float,
-            row_means: Optional[Sequence[Optional[Tensor]]] = None, save: bool = True) -> None:
+            row_means: Optional[Sequence[Optional[Tensor]]] = None, save: bool = True,
+            found_inf: Optional[Tensor] = None) -> None:
     """See ``Ops.perturb``."""
     if len(params) == 0:
         return
@@ -97,6 +107,7 @@ def perturb(params: Sequence[Tensor], grads: Sequence[Tensor], saved: Sequence[T
     scale_ptr, scale_val = tb.scalar(scale, params[0].device)
     for ln in pl.launches:
         _perturb_kernel[(ln.nblocks,)](
-            ln.table, ln.ntensors, scale_ptr, scale_val, float(eta), SAVE=save, ADAPTIVE=adaptive,
+            ln.table, ln.ntensors, scale_ptr, scale_val, float(eta),
+            tb.flag(found_inf, params[0].device), SAVE=save, ADAPTIVE=adaptive,
             DT=dt, ACC=acc, ALIGNED=ln.aligned, BLOCK=tb.BLOCK, CHUNK=tb.CHUNK,
             **tb.launch_options())

@@ -330,6 +330,19 @@ def scalar(s, device) -> Tuple[Optional[Tensor], float]:
     return None, float(s)
 
 
+def flag(found_inf: Optional[Tensor], device) -> Optional[Tensor]:
+    """The non-finite guard's ``[skip, found]`` flag as a kernel argument (None: no guard,
+    which Triton compiles as a variant without it)."""
+    if found_inf is None:
+        return None
+    if (found_inf.device != device or found_inf.dtype != torch.float32
+            or found_inf.numel() != 2 or not found_inf.is_contiguous()):
+        raise ValueError(f"sharpopt triton backend: found_inf must be a contiguous fp32 "
+                         f"tensor of 2 elements on {device}, got {found_inf.dtype} "
+                         f"{tuple(found_inf.shape)} on {found_inf.device}")
+    return found_inf
+
+
 def launch_options():
     return {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}
 

@@ -77,8 +77,11 @@ def sources(kind: str, root: Optional[Path] = None) -> List[str]:
 
 
 def cxx_flags(kind: str, isa: str = "DEFAULT") -> List[str]:
-    # OpenMP is what makes at::parallel_for run in parallel inside the extension.
-    flags = ["-O3", "-fopenmp"] if kind == "cpu" else ["-O3"]
+    # OpenMP is what makes at::parallel_for run in parallel inside the extension. No
+    # contraction of a*b+c into one fma, as nvcc's --fmad=false below: GCC contracts even
+    # vector intrinsics by default, differently in each instantiation, so the guarded and
+    # the plain update (and the reference's separate ops) would round apart.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"] if kind == "cpu" else ["-O3"]
     return flags + (_ISA_FLAGS[isa] if kind == "cpu" else [])
 
 

@@ -2,8 +2,9 @@
 
 ``SharpnessAware`` adds the base optimizer to the step plan (``_plan._Core``): the shared
 ``param_groups``, ``state_dict`` with the base state, the protocol (``first_step`` /
-``second_step`` / ``step(closure)`` / a closure-less ``step()``), loss scaling and the
-inf/NaN checks. The restore merged with the base update is ``_fused._FusedUpdate``.
+``second_step`` / ``step(closure)`` / a closure-less ``step()``). The inf/NaN checks and
+the loss scaler's side are ``_finite._FiniteChecks``; the restore merged with the base
+update is ``_fused._FusedUpdate``.
 
 Each algorithm module (``sam.py``, ``gsam.py``, ...) only says which passes to run.
 """
@@ -13,10 +14,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
-from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
-from . import _plan
+from ._finite import _FiniteChecks
 from ._fused import _FusedUpdate
 from ._keywords import SortKeywords
 from ._plan import Bucket, _check_positive, _Core
@@ -40,6 +40,19 @@ class _StepState:
         self.begun = 0              # first steps entered (step(closure) sees its closure's)
         self.done_early = False     # the last first step finished (or skipped) the update
         self.late: List[Bucket] = []                      # grads that appeared in pass 2
+        # The non-finite guard (see SharpnessAware._guard_*): per-device flags, whether
+        # this step's ascent reads the verdict from its norm, the flags handed to the
+        # update, the Adam step counters advanced under a possible skip, and the report
+        # of a guarded CUDA step not read yet (host copy, event, counters).
+        self.flags: Dict[torch.device, Tensor] = {}
+        self.flags_fresh = False    # zeroed for this step already
+        self.reported = True        # this step's flags were read or handed on
+        self.by_norm = False
+        self.armed = False          # flags[0] may say "skip" (set on the device in pass 1)
+        self.guard: Optional[Dict[torch.device, Tensor]] = None
+        self.advanced: List[Tensor] = []
+        self.pending: Optional[tuple] = None
+        self.counts: Dict[torch.device, Tensor] = {}  # guarded GPU steps that found inf/NaN
 
 
 class _SkipStep(Exception):
@@ -47,7 +60,7 @@ class _SkipStep(Exception):
     wrote anything: the step is skipped as a loss scaler expects."""
 
 
-class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
+class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords):
     """Base class of the wrappers around a ``torch.optim`` base optimizer.
 
     Subclasses implement ``_ascent(buckets)`` (perturb the weights from the current
@@ -77,10 +90,20 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
 
     #: Algorithms that need more than two gradient evaluations set this.
     closure_only = False
+    #: True where ``_descent`` only turns the second pass's gradients into ``p.grad`` and
+    #: ends in ``_restore_and_update`` (no other state or weight written from them), so the
+    #: fused update's in-kernel inf/NaN guard covers the whole second pass. A subclass that
+    #: overrides ``_descent`` is False unless it says otherwise (``__init_subclass__``).
+    _guarded_descent = True
     #: True where the ascent reads the gradients only through ``g / ‖g‖``-like terms, so a
     #: loss scale can be folded into it (see ``_first``); the ascent must then honour
     #: ``self._run.inv_scale`` and raise ``_SkipStep`` on a non-finite norm.
     _scale_free_ascent = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_descent" in cls.__dict__ and "_guarded_descent" not in cls.__dict__:
+            cls._guarded_descent = False
 
     def __init__(self, params, base_optimizer, defaults: dict, *, backend="auto",
                  perturb_eps=1e-12, check_finite=True, max_grad_norm=None, base_kwargs=None,
@@ -100,6 +123,7 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._algo_defaults = dict(defaults)
         self._run = _StepState()
+        self._nonfinite_steps = 0
         self.check_finite = bool(check_finite)
         super().__init__(params, defaults, backend=backend, perturb_eps=perturb_eps)
         for group in self.param_groups:
@@ -212,6 +236,7 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
                 "passes, before second_step() or scaler.step(opt): that is the descent "
                 "direction"
             )
+        self._guard_pending()
         self._run.begun += 1
         self._run.done_early = False
         buckets = self._gather()
@@ -219,10 +244,17 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
         # the scaled gradients as they are: its norm pass finds inf/NaN from the norm
         # itself and 1/scale joins the perturbation's scale, so the separate unscale pass
         # over every gradient (a read and a write) is not needed.
-        fold = (grad_scaler is not None and grad_scaler.is_enabled()
-                and self._scale_free_ascent and self._will_perturb())
+        scaled = grad_scaler is not None and grad_scaler.is_enabled()
+        fold = scaled and self._scale_free_ascent and self._will_perturb()
+        # Without a scaler, the same ascents learn of inf/NaN from that norm too (see
+        # _guard_norm): the default check then costs no pass of its own.
+        self._run.by_norm = (not scaled and self.check_finite and self._scale_free_ascent
+                             and self._will_perturb())
+        self._run.flags_fresh = False
         if fold:
             self._run.inv_scale = self._inv_scale(grad_scaler)
+        elif self._run.by_norm:
+            pass
         elif not self._gradients_ok(buckets, grad_scaler, record=not self._will_perturb(),
                                     when="the first pass"):
             self._run.done_early = True
@@ -239,6 +271,7 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
             return False
         finally:
             self._run.inv_scale = None
+            self._run.by_norm = False
         self._run.calls += 1
         if perturbed:
             self._run.perturbed = buckets
@@ -273,13 +306,20 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
         buckets = self._run.perturbed
         if any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
+        guard = None
         try:
             late = self._late(buckets)
             if amp is not None:
                 ok = self._amp_ok(buckets + late, *amp)
+            elif self._guards_update(buckets + late, grad_scaler):
+                ok, guard = True, self._guard_flags(buckets + late)
             else:
                 ok = self._gradients_ok(buckets + late, grad_scaler, record=True,
                                         when="the second pass")
+                if self._run.armed:   # that check synchronised already: read the skip
+                    self._run.armed, self._run.reported = False, True
+                    if bool(torch.stack([f[0].cpu() for f in self._run.flags.values()]).any()):
+                        raise FloatingPointError(self._nonfinite_message("the first pass"))
         except BaseException:
             self._abort()
             raise
@@ -287,12 +327,14 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
             self._abort()
         else:
             self._run.perturbed, self._run.late = None, late
+            self._run.guard = guard
             try:
                 self._descent(buckets)
             finally:
-                self._run.late = []
+                self._run.late, self._run.guard = [], None
         if zero_grad:
             self.zero_grad()
+        self._guard_report()
 
     def _late(self, buckets: List[Bucket]) -> List[Bucket]:
         """Buckets of the parameters that have a gradient in the second pass but had none in
@@ -321,90 +363,6 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
             if have:
                 kept.append(b.subset(have))
         return kept
-
-    # -- non-finite gradients and loss scaling -------------------------------------------
-    def _gradients_ok(self, buckets: List[Bucket], grad_scaler, *, record: bool,
-                      when: str) -> bool:
-        """Unscale the gradients (with a scaler) and look for inf/NaN.
-
-        With an enabled ``grad_scaler``: returns False when a gradient is not finite (the
-        caller skips the step). ``record`` means this is the pass whose check the scaler
-        must see: it goes through ``grad_scaler.unscale_``, which may be called once per
-        step; the other pass unscales with the same kernel on its own.
-        Without a scaler and with ``check_finite``: raises ``FloatingPointError`` (the
-        weights and state are left as they were). Both cost one read of the gradients and
-        one host synchronisation; ``check_finite=False`` removes them.
-        """
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            if record:
-                # A caller that unscaled already (to clip between the passes) must not see
-                # the gradients divided twice: its unscale_ recorded the inf check.
-                state = self._unscaled_by_caller(grad_scaler)
-                if state is None:
-                    grad_scaler.unscale_(self.base_optimizer)
-                    state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
-                found = self._total(v.reshape(()) for v in state["found_inf_per_device"].values())
-                return not bool(found.item())
-            if bool(self._nonfinite(buckets, self._inv_scale(grad_scaler)).item()):
-                # The step is skipped: let the scaler see the inf so update() backs off.
-                grad_scaler.unscale_(self.base_optimizer)
-                return False
-            return True
-        if self.check_finite and _plan._capturing():
-            raise RuntimeError(
-                f"{type(self).__name__}: check_finite=True reads a flag back to the host in "
-                "each pass, which a CUDA graph capture cannot do; build the optimizer with "
-                "check_finite=False to capture its step (and check the loss yourself)"
-            )
-        if self.check_finite and bool(self._nonfinite(buckets, None).item()):
-            raise FloatingPointError(
-                f"{type(self).__name__}: a gradient in {when} contains inf or NaN; the "
-                "weights and optimizer state were left as they were. Use a "
-                "torch.amp.GradScaler (grad_scaler=) to skip such steps, or fix the loss."
-            )
-        return True
-
-    def _unscaled_by_caller(self, grad_scaler) -> Optional[dict]:
-        """The scaler's record for this optimizer (or its base) when ``unscale_`` was
-        already called on it in this iteration, else None."""
-        for opt in (self, self.base_optimizer):
-            state = grad_scaler._per_optimizer_states.get(id(opt))
-            if state is not None and state["stage"] is OptState.UNSCALED:
-                return state
-        return None
-
-    def _amp_ok(self, buckets: List[Bucket], grad_scale, found_inf) -> bool:
-        """``GradScaler.step``'s verdict: False (skip) when it found inf/NaN; otherwise
-        the gradients are unscaled by ``1 / grad_scale`` here unless the caller already did
-        (``grad_scale`` None). One host read, as the scaler's own skip decision."""
-        if bool(torch.as_tensor(found_inf).sum().item()):
-            return False
-        if grad_scale is not None:
-            inv = grad_scale.double().reciprocal().float()
-            for b in buckets:
-                self._lincomb(b, b.grads, [(inv, b.grads)])
-        return True
-
-    @staticmethod
-    def _inv_scale(grad_scaler) -> Tensor:
-        """``1 / scale`` of a ``GradScaler`` as an fp32 device tensor (computed in fp64, as
-        the scaler's own unscale does)."""
-        return grad_scaler._scale.double().reciprocal().float()
-
-    def _nonfinite(self, buckets: List[Bucket], inv_scale: Optional[Tensor]) -> Tensor:
-        """Count of devices with a non-finite gradient, over every rank that holds a shard
-        of them (so all ranks skip or raise together); multiplies grads by ``inv_scale``."""
-        by_key: Dict[tuple, List[Tensor]] = {}
-        for b in buckets:
-            by_key.setdefault((b.device, b.reduce_over), []).extend(b.grads)
-        parts = []
-        for (device, reduce_over), grads in by_key.items():
-            found = torch.zeros(1, dtype=torch.float32, device=device)
-            inv = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None \
-                else inv_scale.to(device).reshape(1)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
-            parts.append((reduce_over, found.reshape(())))
-        return self._reduce(parts)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None, **options):
         """One whole step, or the end of one begun by :meth:`first_step`.
@@ -484,6 +442,7 @@ class SharpnessAware(_FusedUpdate, _Core, metaclass=SortKeywords):
 
     def _abort(self) -> None:
         """Put the weights back when a step cannot finish (the training state is unchanged)."""
+        self._run.armed, self._run.reported, self._run.flags_fresh = False, True, False
         if self._run.perturbed is not None:
             buckets, self._run.perturbed = self._run.perturbed, None
             for b in buckets:

@@ -104,11 +104,17 @@ class _FusedUpdate:
         for b in buckets:
             self._lincomb(b, b.grads, [(coef, directions(b))])
 
+    def _guard_kw(self, b: Bucket) -> dict:
+        """``found_inf=`` for the update of bucket ``b`` when the step is guarded (see
+        ``SharpnessAware._guard_flags``), else nothing."""
+        guard = self._run.guard
+        return {} if guard is None else {"found_inf": guard[b.device]}
+
     def _sgd(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
         kw = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
                   dampening=group["dampening"], nesterov=group["nesterov"],
-                  maximize=group["maximize"])
+                  maximize=group["maximize"], **self._guard_kw(b))
         if group["momentum"] == 0:
             b.ops.restore_sgd(b.params, saved, d, [], init_buffers=False, **kw)
             return
@@ -170,6 +176,8 @@ class _FusedUpdate:
                 _relaid(state[p], keys, p)
         steps = [state[p]["step"] for p in b.sources]
         torch._foreach_add_(steps, 1)
+        if self._run.guard is not None:
+            self._run.advanced.extend(steps)   # taken back if the guard kept an element
         return steps
 
     def _adam(self, b: Bucket, saved, d) -> None:
@@ -192,5 +200,5 @@ class _FusedUpdate:
                 b.local([state[p]["max_exp_avg_sq"] for p in ps]) if amsgrad else [],
                 step=int(step), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
-                maximize=group["maximize"],
+                maximize=group["maximize"], **self._guard_kw(b),
             )

@@ -180,6 +180,7 @@ class SAM(SharpnessAware):
             norm = norm * inv.to(norm.device)
             if not bool(torch.isfinite(norm)):   # the one host sync, as the unscale's
                 raise _SkipStep
+        flags = self._guard_norm(norm, buckets)
         denom = norm + self.perturb_eps
         for b in buckets:
             scale = sign * self._on(self._rho(b.group), b.device) / denom.to(b.device)
@@ -189,6 +190,7 @@ class SAM(SharpnessAware):
                 b.params, grads_of(b), self._buffers("saved", b.sources), scale,
                 adaptive=adaptive, eta=b.group["eta"],
                 row_means=self._row_means(b.sources) if centralize else None, save=save,
+                **({} if flags is None else {"found_inf": flags[b.device]}),
             )
 
     def _ascent(self, buckets: List[Bucket]) -> bool:

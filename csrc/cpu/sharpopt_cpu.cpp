@@ -33,6 +33,12 @@ inline at::vec::Vectorized<S> sopt_max(const at::vec::Vectorized<S>& a,
                                        const at::vec::Vectorized<S>& b) {
   return at::vec::maximum(a, b);
 }
+template <class S>
+inline at::vec::Vectorized<S> sopt_keep(const at::vec::Vectorized<S>& z,
+                                        const at::vec::Vectorized<S>& fresh,
+                                        const at::vec::Vectorized<S>& old) {
+  return at::vec::Vectorized<S>::blendv(fresh, old, z.isnan());
+}
 }  // namespace math
 }  // namespace sharpopt
 
@@ -399,17 +405,56 @@ double scalar_value(double value, const OptTensor& t) {
   return t->to(at::kDouble).data_ptr<double>()[0];
 }
 
+// The `found_inf` flag of the guarded passes: two fp32 values, [0] read (non-zero: this
+// step is skipped) and [1] set to 1 by an update that skipped a non-finite element.
+float* found_ptr(const OptTensor& found_inf) {
+  if (!found_inf.has_value() || !found_inf->defined()) return nullptr;
+  const Tensor& f = *found_inf;
+  TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == at::kFloat && f.numel() == 2 &&
+                  f.is_contiguous(),
+              "sharpopt cpu: found_inf must be a contiguous fp32 CPU tensor of 2 elements");
+  return f.data_ptr<float>();
+}
+
+// The guard's record of one work unit: the sum of z = g - g in both arithmetic types
+// (see sgd_elem_guarded); NaN in any lane means an element was skipped.
+template <class S>
+struct Seen {
+  S s = S(0);
+  Vec<S> v = Vec<S>(S(0));
+  template <class T>
+  T& get() {
+    if constexpr (std::is_same_v<T, S>) return s; else return v;
+  }
+  bool any() const {
+    S lanes[Vec<S>::size()];
+    v.store(lanes);
+    bool found = s != s;
+    for (int i = 0; i < Vec<S>::size(); ++i) found = found || lanes[i] != lanes[i];
+    return found;
+  }
+};
+
+void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved);
+
 // ---------------------------------------------------------------------------------
 // perturb: saved <- w (when save); w <- saved + scale * T^2 * C(g), T from saved.
+// With found_inf[0] set (the step is skipped) e = 0: w is saved and left, or restored.
 // ---------------------------------------------------------------------------------
 void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
              const std::vector<Tensor>& saved, double scale, const OptTensor& scale_t,
-             bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save) {
+             bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save,
+             const OptTensor& found_inf) {
   if (params.empty()) return;
   check_dtype(params);
   check_list(params, params, "params");
   check_list(grads, params, "grads");
   check_list(saved, params, "saved");
+  const float* flag = found_ptr(found_inf);
+  if (flag && flag[0] != 0) {
+    if (save) restore(saved, params); else restore(params, saved);
+    return;
+  }
   TORCH_CHECK(row_means.empty() || row_means.size() == params.size(),
               "sharpopt cpu: row_means must have one entry per tensor");
   const PerturbArgs<double> args{scalar_value(scale, scale_t), eta, adaptive};
@@ -515,7 +560,7 @@ void lincomb(const std::vector<Tensor>& out, const std::vector<std::vector<Tenso
 void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
                  const std::vector<Tensor>& grads, const std::vector<Tensor>& bufs, double lr,
                  double weight_decay, double momentum, double dampening, bool nesterov,
-                 bool maximize, bool init_buffers) {
+                 bool maximize, bool init_buffers, const OptTensor& found_inf) {
   if (params.empty()) return;
   check_dtype(params);
   check_list(params, params, "params");
@@ -523,18 +568,21 @@ void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& s
   if (has_saved) check_list(saved, params, "saved");
   const bool has_mom = momentum != 0;
   if (has_mom) check_list(bufs, params, "momentum_buffers");
+  float* flag = found_ptr(found_inf);
+  if (flag && flag[0] != 0) {            // a skipped step: put w back, leave the state
+    if (has_saved) restore(params, saved);
+    if (has_mom && init_buffers) for (const auto& b : bufs) b.zero_();   // new: start at 0
+    return;
+  }
   const auto args = make_sgd_args(lr, weight_decay, momentum, dampening, nesterov, maximize, init_buffers);
   std::vector<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
+  std::vector<char> skipped(flag ? units.size() : 0, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_restore_sgd", [&] {
     using R = scalar_t;
     using S = OpMath<R>;
     const auto a = both<SgdArgs, S>(args);
-    auto f = [&](auto& x) {
-      using T = Elem<decltype(x)>;
-      sgd_elem(x[0], x[2], x[1], a.template get<T>());
-    };
-    for_units(units, [&](const Unit& u, int64_t) {
+    for_units(units, [&](const Unit& u, int64_t idx) {
       const int64_t b = u.begin;
       R* w = params[u.t].data_ptr<R>() + b;
       R* buf = has_mom ? bufs[u.t].data_ptr<R>() + b : nullptr;
@@ -542,9 +590,22 @@ void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& s
       const R* in[3] = {has_saved ? saved[u.t].data_ptr<R>() + b : w, grads[u.t].data_ptr<R>() + b,
                         init_buffers ? nullptr : buf};
       R* out[3] = {w, nullptr, buf};
-      span<3, R>(in, out, u.end - b, f);
+      if (!flag) {
+        span<3, R>(in, out, u.end - b, [&](auto& x) {
+          using T = Elem<decltype(x)>;
+          sgd_elem(x[0], x[2], x[1], a.template get<T>());
+        });
+        return;
+      }
+      Seen<S> seen;
+      span<3, R>(in, out, u.end - b, [&](auto& x) {
+        using T = Elem<decltype(x)>;
+        sgd_elem_guarded(x[0], x[2], x[1], a.template get<T>(), seen.template get<T>());
+      });
+      skipped[idx] = seen.any();
     });
   });
+  if (std::any_of(skipped.begin(), skipped.end(), [](char c) { return c != 0; })) flag[1] = 1.f;
 }
 
 // ---------------------------------------------------------------------------------
@@ -554,7 +615,8 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
                   const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                   const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& max_exp_avg_sqs,
                   int64_t step, double lr, double beta1, double beta2, double eps,
-                  double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
+                  double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                  const OptTensor& found_inf) {
   if (params.empty()) return;
   TORCH_CHECK(step >= 1, "sharpopt cpu: restore_adam needs step >= 1, got ", step);
   check_dtype(params);
@@ -564,18 +626,20 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
   check_list(exp_avg_sqs, params, "exp_avg_sqs");
   if (has_saved) check_list(saved, params, "saved");
   if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  float* flag = found_ptr(found_inf);
+  if (flag && flag[0] != 0) {            // a skipped step: put w back, leave the state
+    if (has_saved) restore(params, saved);
+    return;
+  }
   const auto args = make_adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
   std::vector<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
+  std::vector<char> skipped(flag ? units.size() : 0, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_restore_adam", [&] {
     using R = scalar_t;
     using S = OpMath<R>;
     const auto a = both<AdamArgs, S>(args);
-    auto f = [&](auto& x) {
-      using T = Elem<decltype(x)>;
-      adam_elem(x[0], x[2], x[3], x[4], x[1], a.template get<T>());
-    };
-    for_units(units, [&](const Unit& u, int64_t) {
+    for_units(units, [&](const Unit& u, int64_t idx) {
       const int64_t b = u.begin;
       R* w = params[u.t].data_ptr<R>() + b;
       R* m = exp_avgs[u.t].data_ptr<R>() + b;
@@ -583,9 +647,22 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
       R* vmax = amsgrad ? max_exp_avg_sqs[u.t].data_ptr<R>() + b : nullptr;
       const R* in[5] = {has_saved ? saved[u.t].data_ptr<R>() + b : w, grads[u.t].data_ptr<R>() + b, m, v, vmax};
       R* out[5] = {w, nullptr, m, v, vmax};
-      span<5, R>(in, out, u.end - b, f);
+      if (!flag) {
+        span<5, R>(in, out, u.end - b, [&](auto& x) {
+          using T = Elem<decltype(x)>;
+          adam_elem(x[0], x[2], x[3], x[4], x[1], a.template get<T>());
+        });
+        return;
+      }
+      Seen<S> seen;
+      span<5, R>(in, out, u.end - b, [&](auto& x) {
+        using T = Elem<decltype(x)>;
+        adam_elem_guarded(x[0], x[2], x[3], x[4], x[1], a.template get<T>(), seen.template get<T>());
+      });
+      skipped[idx] = seen.any();
     });
   });
+  if (std::any_of(skipped.begin(), skipped.end(), [](char c) { return c != 0; })) flag[1] = 1.f;
 }
 
 // ---------------------------------------------------------------------------------

@@ -147,9 +147,21 @@ Tensor dot(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
   return out;
 }
 
+// The non-finite guard's flag (see Ops.restore_sgd): null when not given.
+float* found_ptr(const OptTensor& found_inf, const Tensor& like) {
+  if (!found_inf.has_value() || !found_inf->defined()) return nullptr;
+  const Tensor& f = *found_inf;
+  TORCH_CHECK(f.device() == like.device() && f.scalar_type() == at::kFloat && f.numel() == 2 &&
+                  f.is_contiguous(),
+              "sharpopt cuda: found_inf must be a contiguous fp32 tensor of 2 elements on ",
+              like.device());
+  return f.data_ptr<float>();
+}
+
 void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
              const std::vector<Tensor>& saved, double scale, const OptTensor& scale_t,
-             bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save) {
+             bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save,
+             const OptTensor& found_inf) {
   if (params.empty()) return;
   check_list(params, params, "params");
   check_list(grads, params, "grads");
@@ -169,7 +181,7 @@ void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
   const auto w = ptrs(params), g = ptrs(grads), sv = ptrs(saved);
   check(sc::perturb(dtype_of(params[0]), n, w.data(), g.data(), sv.data(), numel.data(),
                     row_len.data(), means.data(), s, adaptive, eta, save,
-                    c10::cuda::getCurrentCUDAStream()));
+                    found_ptr(found_inf, params[0]), c10::cuda::getCurrentCUDAStream()));
 }
 
 void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved) {
@@ -210,7 +222,7 @@ void lincomb(const std::vector<Tensor>& out, const std::vector<std::vector<Tenso
 void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
                  const std::vector<Tensor>& grads, const std::vector<Tensor>& bufs, double lr,
                  double weight_decay, double momentum, double dampening, bool nesterov,
-                 bool maximize, bool init_buffers) {
+                 bool maximize, bool init_buffers, const OptTensor& found_inf) {
   if (params.empty()) return;
   check_list(params, params, "params");
   check_list(grads, params, "grads");
@@ -226,14 +238,16 @@ void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& s
   const auto b = has_mom ? ptrs(bufs) : std::vector<void*>();
   check(sc::restore_sgd(dtype_of(params[0]), int(params.size()), w.data(),
                         has_saved ? s.data() : nullptr, g.data(), has_mom ? b.data() : nullptr,
-                        numel.data(), args, c10::cuda::getCurrentCUDAStream()));
+                        numel.data(), args, found_ptr(found_inf, params[0]),
+                        c10::cuda::getCurrentCUDAStream()));
 }
 
 void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
                   const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                   const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& max_exp_avg_sqs,
                   int64_t step, double lr, double beta1, double beta2, double eps,
-                  double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
+                  double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                  const OptTensor& found_inf) {
   if (params.empty()) return;
   TORCH_CHECK(step >= 1, "sharpopt cuda: restore_adam needs step >= 1, got ", step);
   check_list(params, params, "params");
@@ -252,7 +266,7 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
   check(sc::restore_adam(dtype_of(params[0]), int(params.size()), w.data(),
                          has_saved ? s.data() : nullptr, g.data(), m.data(), v.data(),
                          amsgrad ? vm.data() : nullptr, numel.data(), args,
-                         c10::cuda::getCurrentCUDAStream()));
+                         found_ptr(found_inf, params[0]), c10::cuda::getCurrentCUDAStream()));
 }
 
 // The MSAM kernels read the move-back scale from device memory (their arguments have no

@@ -38,11 +38,12 @@ cudaError_t dot(DType dt, int n, const void* const* xs, const void* const* ys,
                 const int64_t* numel, double* workspace, void* out, cudaStream_t stream);
 
 // saved <- w (when save); w <- saved + scale * T^2 (g - mean of the row), the mean taken
-// from row_means[i] (rows of row_len[i]) for the tensors where it is not null.
+// from row_means[i] (rows of row_len[i]) for the tensors where it is not null. With
+// found_inf (2 floats, may be null) and found_inf[0] != 0 the perturbation is e = 0.
 cudaError_t perturb(DType dt, int n, void* const* params, const void* const* grads,
                     void* const* saved, const int64_t* numel, const int64_t* row_len,
                     const float* const* row_means, DevScalar scale, bool adaptive, double eta,
-                    bool save, cudaStream_t stream);
+                    bool save, const float* found_inf, cudaStream_t stream);
 
 // w <- saved, bit for bit.
 cudaError_t restore(DType dt, int n, void* const* params, const void* const* saved,
@@ -55,16 +56,20 @@ cudaError_t lincomb(DType dt, int n, int K, void* const* out, const void* const*
 
 // w <- saved (when saved is not null), then sharpopt::math::sgd_elem. `bufs` may be null
 // when args.has_momentum is false; with args.init the buffers are written, not read.
+// found_inf (2 floats on the device, may be null: no guard): [0] != 0 skips the step (w
+// restored, state kept); otherwise sgd_elem_guarded, and [1] <- 1 when an element was kept.
 cudaError_t restore_sgd(DType dt, int n, void* const* params, const void* const* saved,
                         const void* const* grads, void* const* bufs, const int64_t* numel,
-                        const sharpopt::math::SgdArgs<double>& args, cudaStream_t stream);
+                        const sharpopt::math::SgdArgs<double>& args, float* found_inf,
+                        cudaStream_t stream);
 
 // w <- saved (when saved is not null), then sharpopt::math::adam_elem. `vmax` may be null
-// when args.amsgrad is false.
+// when args.amsgrad is false. found_inf: as restore_sgd's (adam_elem_guarded).
 cudaError_t restore_adam(DType dt, int n, void* const* params, const void* const* saved,
                          const void* const* grads, void* const* exp_avgs,
                          void* const* exp_avg_sqs, void* const* vmax, const int64_t* numel,
-                         const sharpopt::math::AdamArgs<double>& args, cudaStream_t stream);
+                         const sharpopt::math::AdamArgs<double>& args, float* found_inf,
+                         cudaStream_t stream);
 
 // MSAM: w <- w~ + back * buf (when has_back; the old buffer), then sgd_elem; the sum of
 // squares of the updated buffers goes to `out` (float, or double for kFloat64) through

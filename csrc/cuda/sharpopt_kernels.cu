@@ -50,7 +50,7 @@ constexpr size_t kMaxParamBytes = 4096;
 // host sets stride to table_capacity(rows), so the layout never moves while it fills.
 // Bytes per tensor: 8 per row + 4 (Adam with a saved copy: 52, 76 tensors per launch).
 struct Table {
-  static constexpr int kWords = 496;  // 3992 B: the largest argument list (Adam) is 4088 B
+  static constexpr int kWords = 496;  // 3992 B: the largest argument list (Adam) is 4096 B
   int64_t unit_base;  // global index of this launch's first unit (for partials)
   int32_t n;          // tensors in this table
   int32_t stride;     // words per row
@@ -160,27 +160,34 @@ struct RowCursor {
 // Each op names its streams; the kernel loads the streams in `load_mask` (others start at
 // 0), calls apply(), and stores the streams in `store_mask`. kRowMeans: the op subtracts a
 // per-row mean (the table then carries row lengths and row-means pointers).
+// found_inf of the non-finite guard (null: no guard): [0] read, non-zero when the step is
+// skipped; [1] set by an update that kept an element for a non-finite gradient.
+__device__ __forceinline__ bool skipped(const float* flag) { return flag && flag[0] != 0.f; }
+
 struct PerturbOp {  // streams: 0 w, 1 saved, 2 g
   static constexpr int D = 3;
   static constexpr bool kRowMeans = true;
+  static constexpr bool kGuard = false;
   DevScalar scale;
   double eta;
   bool adaptive, save;
   bool rows;  // the table has the row-length and row-means rows
-  template <class A> struct Ready { PerturbArgs<A> a; bool save; };
+  const float* flag;  // a skipped step perturbs by e = 0
+  template <class A> struct Ready { PerturbArgs<A> a; bool save, skip; };
   template <class A> __device__ Ready<A> prepare() const {
-    return {{read_scalar<A>(scale), A(eta), adaptive}, save};
+    return {{read_scalar<A>(scale), A(eta), adaptive}, save, skipped(flag)};
   }
   template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D], A mu) {
     const A s = r.save ? x[0] : x[1];
     x[1] = s;
-    x[0] = perturb_elem(s, x[2], mu, r.a);
+    x[0] = r.skip ? s : perturb_elem(s, x[2], mu, r.a);
   }
 };
 
 struct LincombOp {  // streams: 0..2 x_k, 3 out
   static constexpr int D = 4;
   static constexpr bool kRowMeans = false;
+  static constexpr bool kGuard = false;
   DevScalar c[3];
   int K;
   template <class A> struct Ready { A c[3]; int K; };
@@ -193,20 +200,30 @@ struct LincombOp {  // streams: 0..2 x_k, 3 out
   }
 };
 
+// The update ops take the guard's `seen` (see sgd_elem_guarded); with a skipped step every
+// element keeps its weight (restored) and state (a buffer created now starts at 0: it was
+// not loaded, so x[3] is 0).
 struct SgdOp {  // streams: 0 w, 1 saved, 2 g, 3 buf
   static constexpr int D = 4;
   static constexpr bool kRowMeans = false;
+  static constexpr bool kGuard = true;
   SgdArgs<double> a;
   bool has_saved;
-  template <class A> struct Ready { SgdArgs<A> a; bool has_saved; };
+  float* flag;
+  template <class A> struct Ready { SgdArgs<A> a; bool has_saved, guard, skip; };
   template <class A> __device__ Ready<A> prepare() const {
     return {{A(a.lr), A(a.weight_decay), A(a.momentum), A(a.one_minus_dampening), A(a.grad_sign),
              a.has_momentum, a.nesterov, a.init},
-            has_saved};
+            has_saved, flag != nullptr, skipped(flag)};
   }
-  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D], A) {
+  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D], A, A& seen) {
     A w = r.has_saved ? x[1] : x[0];
-    sgd_elem(w, x[3], x[2], r.a);
+    if (r.skip) {
+    } else if (r.guard) {
+      sgd_elem_guarded(w, x[3], x[2], r.a, seen);
+    } else {
+      sgd_elem(w, x[3], x[2], r.a);
+    }
     x[0] = w;
   }
 };
@@ -214,17 +231,24 @@ struct SgdOp {  // streams: 0 w, 1 saved, 2 g, 3 buf
 struct AdamOp {  // streams: 0 w, 1 saved, 2 g, 3 m, 4 v, 5 vmax
   static constexpr int D = 6;
   static constexpr bool kRowMeans = false;
+  static constexpr bool kGuard = true;
   AdamArgs<double> a;
   bool has_saved;
-  template <class A> struct Ready { AdamArgs<A> a; bool has_saved; };
+  float* flag;
+  template <class A> struct Ready { AdamArgs<A> a; bool has_saved, guard, skip; };
   template <class A> __device__ Ready<A> prepare() const {
     return {{A(a.grad_sign), A(a.decay), A(a.weight_decay), A(a.one_minus_beta1), A(a.beta2),
              A(a.one_minus_beta2), A(a.bc2_sqrt), A(a.eps), A(a.step_size), a.decoupled, a.amsgrad},
-            has_saved};
+            has_saved, flag != nullptr, skipped(flag)};
   }
-  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D], A) {
+  template <class A> __device__ static void apply(const Ready<A>& r, A (&x)[D], A, A& seen) {
     A w = r.has_saved ? x[1] : x[0];
-    adam_elem(w, x[3], x[4], x[5], x[2], r.a);
+    if (r.skip) {
+    } else if (r.guard) {
+      adam_elem_guarded(w, x[3], x[4], x[5], x[2], r.a, seen);
+    } else {
+      adam_elem(w, x[3], x[4], x[5], x[2], r.a);
+    }
     x[0] = w;
   }
 };
@@ -327,6 +351,8 @@ elementwise_kernel(Table tab, int load_mask, int store_mask, Op op) {
     }
   }
 
+  // The guard's record of this thread's elements (NaN once one was kept), see kGuard ops.
+  A seen = A(0);
   int64_t tail = begin;
   if (vec) {
     const int64_t nvec = (end - begin) / V;
@@ -349,7 +375,7 @@ elementwise_kernel(Table tab, int load_mask, int store_mask, Op op) {
         A x[D];
 #pragma unroll
         for (int k = 0; k < D; ++k) x[k] = ((load_mask >> k) & 1) ? to_acc(pk[k].v[e]) : A(0);
-        Op::apply(ready, x, mu);
+        if constexpr (Op::kGuard) Op::apply(ready, x, mu, seen); else Op::apply(ready, x, mu);
 #pragma unroll
         for (int k = 0; k < D; ++k)
           if ((store_mask >> k) & 1) pk[k].v[e] = from_acc<R>(x[k]);
@@ -371,10 +397,15 @@ elementwise_kernel(Table tab, int load_mask, int store_mask, Op op) {
     A x[D];
 #pragma unroll
     for (int k = 0; k < D; ++k) x[k] = ((load_mask >> k) & 1) ? to_acc(p[k][i]) : A(0);
-    Op::apply(ready, x, mu);
+    if constexpr (Op::kGuard) Op::apply(ready, x, mu, seen); else Op::apply(ready, x, mu);
 #pragma unroll
     for (int k = 0; k < D; ++k)
       if ((store_mask >> k) & 1) p[k][i] = from_acc<R>(x[k]);
+  }
+  if constexpr (Op::kGuard) {
+    // Every thread of the block gets here; one store of 1 per block that kept an element.
+    if (ready.guard && !ready.skip && __syncthreads_or(seen != seen) && threadIdx.x == 0)
+      op.flag[1] = 1.f;
   }
 }
 
@@ -738,7 +769,7 @@ cudaError_t dot(DType dt, int n, const void* const* xs, const void* const* ys,
 cudaError_t perturb(DType dt, int n, void* const* params, const void* const* grads,
                     void* const* saved, const int64_t* numel, const int64_t* row_len,
                     const float* const* row_means, DevScalar scale, bool adaptive, double eta,
-                    bool save, cudaStream_t stream) {
+                    bool save, const float* found_inf, cudaStream_t stream) {
   // Row lengths and means ride in the table only when some tensor is centralised.
   bool any_means = false;
   for (int i = 0; i < n && row_means && row_len && !any_means; ++i)
@@ -746,7 +777,7 @@ cudaError_t perturb(DType dt, int n, void* const* params, const void* const* gra
   return dispatch(dt, [&](auto zero) {
     using R = decltype(zero);
     const void* const* lists[3] = {params, saved, grads};
-    const PerturbOp op{scale, eta, adaptive, save, any_means};
+    const PerturbOp op{scale, eta, adaptive, save, any_means, found_inf};
     return run_elementwise<R>(n, lists, numel, row_len, any_means ? row_means : nullptr,
                               save ? 0b101 : 0b110, save ? 0b011 : 0b001, op, stream);
   });
@@ -788,7 +819,7 @@ cudaError_t lincomb(DType dt, int n, int K, void* const* out, const void* const*
 
 cudaError_t restore_sgd(DType dt, int n, void* const* params, const void* const* saved,
                         const void* const* grads, void* const* bufs, const int64_t* numel,
-                        const SgdArgs<double>& args, cudaStream_t stream) {
+                        const SgdArgs<double>& args, float* found_inf, cudaStream_t stream) {
   return dispatch(dt, [&](auto zero) {
     using R = decltype(zero);
     const bool has_saved = saved != nullptr;
@@ -796,14 +827,14 @@ cudaError_t restore_sgd(DType dt, int n, void* const* params, const void* const*
     const void* const* lists[4] = {params, saved, grads, mom ? bufs : nullptr};
     const int load = (has_saved ? 0b0010 : 0b0001) | 0b0100 | (mom && !args.init ? 0b1000 : 0);
     const int store = 0b0001 | (mom ? 0b1000 : 0);
-    return run_elementwise<R>(n, lists, numel, nullptr, nullptr, load, store, SgdOp{args, has_saved}, stream);
+    return run_elementwise<R>(n, lists, numel, nullptr, nullptr, load, store, SgdOp{args, has_saved, found_inf}, stream);
   });
 }
 
 cudaError_t restore_adam(DType dt, int n, void* const* params, const void* const* saved,
                          const void* const* grads, void* const* exp_avgs,
                          void* const* exp_avg_sqs, void* const* vmax, const int64_t* numel,
-                         const AdamArgs<double>& args, cudaStream_t stream) {
+                         const AdamArgs<double>& args, float* found_inf, cudaStream_t stream) {
   return dispatch(dt, [&](auto zero) {
     using R = decltype(zero);
     const bool has_saved = saved != nullptr;
@@ -811,7 +842,7 @@ cudaError_t restore_adam(DType dt, int n, void* const* params, const void* const
     const void* const* lists[6] = {params, saved, grads, exp_avgs, exp_avg_sqs, ams ? vmax : nullptr};
     const int load = (has_saved ? 0b000010 : 0b000001) | 0b011100 | (ams ? 0b100000 : 0);
     const int store = 0b011001 | (ams ? 0b100000 : 0);
-    return run_elementwise<R>(n, lists, numel, nullptr, nullptr, load, store, AdamOp{args, has_saved}, stream);
+    return run_elementwise<R>(n, lists, numel, nullptr, nullptr, load, store, AdamOp{args, has_saved, found_inf}, stream);
   });
 }
 

@@ -55,6 +55,10 @@ class Ops:
     #: only the layouts :func:`layout_problem` accepts, instead of letting a kernel read
     #: the wrong elements.
     requires_dense: bool = False
+    #: True when :meth:`perturb`, :meth:`restore_sgd` and :meth:`restore_adam` take the
+    #: ``found_inf`` flag of the non-finite guard (see :meth:`restore_sgd`); the wrappers
+    #: then check inf/NaN inside those passes instead of in a pass of their own.
+    guards_nonfinite: bool = False
 
     def supports(self, device: torch.device) -> bool:
         """Whether this backend can run on tensors of ``device``."""
@@ -104,6 +108,10 @@ class Ops:
         call with ``save=False`` and a negated scale gives CR-SAM's ``w − e``.
         ``C`` is applied to the tensors whose ``row_means[i]`` is not None, with those
         means; with ``row_means=None`` nothing is centralised.
+
+        ``found_inf`` (backends with ``guards_nonfinite`` only): the two-element fp32 flag
+        of :meth:`restore_sgd`; when ``found_inf[0] != 0`` the step is skipped and ``e = 0``:
+        ``saved ← w`` with ``w`` unchanged (``save``), or ``w ← saved``.
         """
         raise NotImplementedError
 
@@ -143,6 +151,16 @@ class Ops:
             w ← w − lr · d
 
         With ``momentum == 0`` ``momentum_buffers`` is empty and ignored.
+
+        ``found_inf`` (backends with ``guards_nonfinite`` only; None: no guard): a contiguous
+        fp32 tensor of two elements on the tensors' device, read and written by the pass
+        on the device (no host synchronisation):
+
+        * ``found_inf[0] != 0``: the step is skipped: ``w ← saved`` and nothing else.
+        * otherwise an element whose gradient ``grads[i][j]`` is inf or NaN keeps its
+          weight (``saved``, or ``w``) and its state (a buffer created by this step,
+          ``init_buffers``, starts at 0 there), every other element takes the step, and
+          ``found_inf[1]`` is set to 1 when any element was kept so.
         """
         raise NotImplementedError
 
@@ -176,7 +194,8 @@ class Ops:
             vmax ← max(vmax, v)                    if amsgrad (then v ← vmax below)
             w ← w − lr / (1 − beta1^step) · m / (√v / √(1 − beta2^step) + eps)
 
-        With ``amsgrad`` False ``max_exp_avg_sqs`` is empty and ignored.
+        With ``amsgrad`` False ``max_exp_avg_sqs`` is empty and ignored. ``found_inf``:
+        as in :meth:`restore_sgd` (a kept element keeps ``m``, ``v`` and ``vmax``).
         """
         raise NotImplementedError
 

@@ -34,6 +34,7 @@ class CpuOps(Ops):
     name = "cpu"
     fuses_base_update = True
     requires_dense = True
+    guards_nonfinite = True
 
     def __init__(self, ext) -> None:
         self._ext = ext
@@ -49,10 +50,10 @@ class CpuOps(Ops):
         return self._ext.dot(list(xs), list(ys))
 
     def perturb(self, params, grads, saved, scale, *, adaptive, eta, row_means=None,
-                save=True) -> None:
+                save=True, found_inf=None) -> None:
         value, tensor = _scalar(scale)
         self._ext.perturb(list(params), list(grads), list(saved), value, tensor, bool(adaptive),
-                          float(eta), _opt(row_means), bool(save))
+                          float(eta), _opt(row_means), bool(save), found_inf)
 
     def restore(self, params, saved) -> None:
         self._ext.restore(list(params), list(saved))
@@ -66,21 +67,22 @@ class CpuOps(Ops):
                           tensors if any(t is not None for t in tensors) else [])
 
     def restore_sgd(self, params, saved, grads, momentum_buffers, *, lr, weight_decay,
-                    momentum, dampening, nesterov, maximize, init_buffers) -> None:
+                    momentum, dampening, nesterov, maximize, init_buffers,
+                    found_inf=None) -> None:
         self._ext.restore_sgd(
             list(params), [] if saved is None else list(saved), saved is not None, list(grads),
             list(momentum_buffers) if momentum != 0 else [], float(lr), float(weight_decay),
             float(momentum), float(dampening), bool(nesterov), bool(maximize),
-            bool(init_buffers))
+            bool(init_buffers), found_inf)
 
     def restore_adam(self, params, saved, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *,
                      step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-                     maximize) -> None:
+                     maximize, found_inf=None) -> None:
         self._ext.restore_adam(
             list(params), [] if saved is None else list(saved), saved is not None, list(grads),
             list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
             int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            bool(decoupled), bool(amsgrad), bool(maximize))
+            bool(decoupled), bool(amsgrad), bool(maximize), found_inf)
 
     def msam_sgd(self, params, grads, momentum_buffers, back, *, lr, weight_decay, momentum,
                  dampening, nesterov, maximize, init_buffers) -> Tensor:

@@ -48,6 +48,7 @@ class TritonOps(Ops):
     name = "triton"
     fuses_base_update = True
     requires_dense = True
+    guards_nonfinite = True
 
     def __init__(self):
         from ..kernels import lincomb, msam, norm, perturb, restore_update

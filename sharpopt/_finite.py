@@ -1,0 +1,264 @@
+"""Inf/NaN gradients and loss scaling, for :class:`sharpopt._core.SharpnessAware`.
+
+Two ways to keep an inf/NaN out of the weights and the optimizer state:
+
+* **The separate check** (``_gradients_ok``): one pass over the gradients per step pass
+  (``torch._amp_foreach_non_finite_check_and_unscale_``, which also unscales with a
+  ``GradScaler``) and one host read; a non-finite gradient skips the step with a scaler
+  and raises ``FloatingPointError`` without one, before anything is written.
+* **The guard** (``_guard_*``), the default where it applies (``check_finite`` without a
+  scaler; SAM/ASAM/GCSAM's first pass, whose norm says it; the fused SGD/Adam update of
+  any algorithm whose descent is plain, on a backend with ``Ops.guards_nonfinite``): no
+  pass of its own. The first pass reads the verdict from the norm the ascent computes
+  anyway; the update keeps each element whose gradient is not finite as it was and sets
+  a device flag (``Ops.restore_sgd``). On the CPU the flags are read at once and the call
+  raises; on a GPU nothing waits for them: the next ``first_step`` raises once a copy has
+  arrived, and ``nonfinite_steps`` counts them (a step replayed from a CUDA graph too).
+
+The mixin reads the protocol's record ``self._run`` (``_core._StepState``).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import OptState
+
+from . import _plan
+from ._plan import Bucket
+
+
+def _reads_now(devices) -> bool:
+    """Whether the guard's flags on ``devices`` are read at once: on the CPU a read costs
+    no synchronisation; a GPU's are copied out and read by a later call."""
+    return all(torch.device(d).type == "cpu" for d in devices)
+
+
+class _Arrived:
+    """The event of a copy that was made synchronously (CPU flags)."""
+
+    @staticmethod
+    def query() -> bool:
+        return True
+
+
+def _copy_to_host(flags: List[Tensor]):
+    """(host copy, event): the flags copied without waiting for them, and an event whose
+    ``query()`` says when the copy has arrived."""
+    cuda = any(f.is_cuda for f in flags)
+    host = torch.empty((len(flags), 2), dtype=torch.float32, pin_memory=cuda)
+    for i, f in enumerate(flags):
+        host[i].copy_(f, non_blocking=cuda)
+    if not cuda:
+        return host, _Arrived()
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class _FiniteChecks:
+    """The separate inf/NaN check, the guard, and the loss scaler's side of the protocol."""
+
+    # -- non-finite gradients and loss scaling -------------------------------------------
+    def _gradients_ok(self, buckets: List[Bucket], grad_scaler, *, record: bool,
+                      when: str) -> bool:
+        """Unscale the gradients (with a scaler) and look for inf/NaN.
+
+        With an enabled ``grad_scaler``: returns False when a gradient is not finite (the
+        caller skips the step). ``record`` means this is the pass whose check the scaler
+        must see: it goes through ``grad_scaler.unscale_``, which may be called once per
+        step; the other pass unscales with the same kernel on its own.
+        Without a scaler and with ``check_finite``: raises ``FloatingPointError`` (the
+        weights and state are left as they were). Both cost one read of the gradients and
+        one host synchronisation; ``check_finite=False`` removes them.
+        """
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            if record:
+                # A caller that unscaled already (to clip between the passes) must not see
+                # the gradients divided twice: its unscale_ recorded the inf check.
+                state = self._unscaled_by_caller(grad_scaler)
+                if state is None:
+                    grad_scaler.unscale_(self.base_optimizer)
+                    state = grad_scaler._per_optimizer_states[id(self.base_optimizer)]
+                found = self._total(v.reshape(()) for v in state["found_inf_per_device"].values())
+                return not bool(found.item())
+            if bool(self._nonfinite(buckets, self._inv_scale(grad_scaler)).item()):
+                # The step is skipped: let the scaler see the inf so update() backs off.
+                grad_scaler.unscale_(self.base_optimizer)
+                return False
+            return True
+        if self.check_finite and _plan._capturing():
+            raise RuntimeError(self._capture_message())
+        if self.check_finite and bool(self._nonfinite(buckets, None).item()):
+            raise FloatingPointError(self._nonfinite_message(when))
+        return True
+
+    # -- the non-finite guard: inf/NaN found inside the passes, no pass of its own --------
+    # With check_finite and no loss scaler, SAM/ASAM/GCSAM read the verdict of the first
+    # pass from the norm their ascent computes anyway, and the fused SGD/Adam update of the
+    # second pass (backends with ``guards_nonfinite``) keeps every element whose gradient
+    # is not finite as it was (``Ops.restore_sgd``). On the CPU the flags are read at once
+    # and FloatingPointError is raised in the call that found them; on a GPU they stay on
+    # the device (no synchronisation) and the error is raised by the next first_step()
+    # once a copy of them has arrived.
+    def _guard_flags(self, buckets: List[Bucket]) -> Dict[torch.device, Tensor]:
+        """The per-device flags ``[skip, found]`` of this step, zeroed at its first use."""
+        flags = self._run.flags
+        fresh = self._run.flags_fresh
+        self._run.reported = False
+        for b in buckets:
+            if b.device not in flags:
+                flags[b.device] = torch.zeros(2, dtype=torch.float32, device=b.device)
+            elif not fresh:
+                flags[b.device].zero_()
+        if not fresh:
+            for device, f in flags.items():
+                if not any(b.device == device for b in buckets):
+                    f.zero_()
+        self._run.flags_fresh = True
+        return flags
+
+    def _guard_norm(self, norm: Tensor, buckets: List[Bucket]
+                    ) -> Optional[Dict[torch.device, Tensor]]:
+        """The first pass's verdict from the ascent's norm (``self._run.by_norm``): raises
+        FloatingPointError before anything is written where reading the norm costs no
+        synchronisation (CPU) or the backend has no guard; otherwise marks the step skipped
+        on the device (``flags[0]``) and returns the flags for ``perturb``."""
+        if not self._run.by_norm:
+            return None
+        if _reads_now([norm.device]) or not all(b.ops.guards_nonfinite for b in buckets):
+            if _plan._capturing():
+                raise RuntimeError(self._capture_message())
+            if not bool(torch.isfinite(norm)):
+                raise FloatingPointError(self._nonfinite_message("the first pass"))
+            return None
+        flags = self._guard_flags(buckets)
+        bad = torch.isfinite(norm).logical_not().to(torch.float32).reshape(1)
+        for device, f in flags.items():
+            f[:1].copy_(bad.to(device, non_blocking=True))
+        self._run.armed = True       # the update must honour the skip (see _second)
+        return flags
+
+    def _guards_update(self, buckets: List[Bucket], grad_scaler) -> bool:
+        """Whether the second pass's inf/NaN check can be left to the fused update."""
+        if not self.check_finite or (grad_scaler is not None and grad_scaler.is_enabled()):
+            return False
+        if not self._guarded_descent or self.max_grad_norm is not None:
+            return False
+        return self._fusable() is not None and all(
+            b.ops.guards_nonfinite and not b.sharded for b in buckets)
+
+    def _guard_report(self) -> None:
+        """After a guarded step: raise now (CPU) or leave a copy of the flags to be read by
+        the next call (GPU)."""
+        flags, self._run.flags_fresh, self._run.armed = self._run.flags, False, False
+        if self._run.reported:
+            return
+        self._run.reported = True
+        advanced, self._run.advanced = self._run.advanced, []
+        if _reads_now(list(flags)):
+            values = torch.stack(list(flags.values()))
+            if bool(values.any()):
+                self._nonfinite_steps += 1
+            self._guard_raise(values, advanced, "this step")
+            return
+        for device, f in flags.items():   # device ops only: a captured step counts too
+            count = self._run.counts.get(device)
+            if count is None:
+                count = self._run.counts[device] = torch.zeros((), dtype=torch.float32,
+                                                              device=device)
+            count.add_(f.amax().clamp(max=1.0))
+        if not _plan._capturing():
+            self._run.pending = (*_copy_to_host(list(flags.values())), advanced)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps in which the non-finite guard found an inf/NaN gradient (on the CPU each
+        also raised FloatingPointError; on a GPU the count includes steps replayed from a
+        CUDA graph, where nothing can raise). Reading it synchronises with the device."""
+        return self._nonfinite_steps + int(sum(float(c) for c in self._run.counts.values()))
+
+    def _guard_pending(self) -> None:
+        """Raise for the last guarded GPU step once its flags have arrived (no wait)."""
+        pending = self._run.pending
+        if pending is None or _plan._capturing() or not pending[1].query():
+            return
+        self._run.pending = None
+        self._guard_raise(pending[0], pending[2], "the previous step")
+
+    def _guard_raise(self, values: Tensor, advanced: List[Tensor], which: str) -> None:
+        """FloatingPointError when the flags ``values`` (one row per device) say so. A step
+        that kept any element does not count for Adam: its step counters go back by one
+        (a step whose every gradient was inf/NaN thus leaves the state exactly as it was)."""
+        skipped, kept = bool(values[:, 0].any()), bool(values[:, 1].any())
+        if (skipped or kept) and advanced:
+            torch._foreach_sub_(advanced, 1)
+        if skipped:
+            raise FloatingPointError(
+                f"{type(self).__name__}: a gradient in the first pass of {which} contained "
+                "inf or NaN; that step was skipped (the weights and optimizer state are as "
+                "they were before it). Use a torch.amp.GradScaler (grad_scaler=) to skip such "
+                "steps quietly, or fix the loss.")
+        if kept:
+            raise FloatingPointError(
+                f"{type(self).__name__}: a gradient in the second pass of {which} contained "
+                "inf or NaN; the elements of the weights and optimizer state whose gradient "
+                "was not finite were left as they were, the others took the step (Adam's step "
+                "count did not advance). Use a torch.amp.GradScaler (grad_scaler=) to skip "
+                "such steps whole, or fix the loss.")
+
+    def _capture_message(self) -> str:
+        return (f"{type(self).__name__}: this step's inf/NaN check reads a flag back to the "
+                "host, which a CUDA graph capture cannot do. The check runs inside the "
+                "kernels (no host read) for SAM/ASAM/GCSAM with an SGD base (or a fused "
+                "Adam/AdamW one) on the cuda and triton backends; elsewhere build the "
+                "optimizer with check_finite=False to capture its step (and check the loss "
+                "yourself)")
+
+    def _nonfinite_message(self, when: str) -> str:
+        return (f"{type(self).__name__}: a gradient in {when} contains inf or NaN; the "
+                "weights and optimizer state were left as they were. Use a "
+                "torch.amp.GradScaler (grad_scaler=) to skip such steps, or fix the loss.")
+
+    def _unscaled_by_caller(self, grad_scaler) -> Optional[dict]:
+        """The scaler's record for this optimizer (or its base) when ``unscale_`` was
+        already called on it in this iteration, else None."""
+        for opt in (self, self.base_optimizer):
+            state = grad_scaler._per_optimizer_states.get(id(opt))
+            if state is not None and state["stage"] is OptState.UNSCALED:
+                return state
+        return None
+
+    def _amp_ok(self, buckets: List[Bucket], grad_scale, found_inf) -> bool:
+        """``GradScaler.step``'s verdict: False (skip) when it found inf/NaN; otherwise
+        the gradients are unscaled by ``1 / grad_scale`` here unless the caller already did
+        (``grad_scale`` None). One host read, as the scaler's own skip decision."""
+        if bool(torch.as_tensor(found_inf).sum().item()):
+            return False
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            for b in buckets:
+                self._lincomb(b, b.grads, [(inv, b.grads)])
+        return True
+
+    @staticmethod
+    def _inv_scale(grad_scaler) -> Tensor:
+        """``1 / scale`` of a ``GradScaler`` as an fp32 device tensor (computed in fp64, as
+        the scaler's own unscale does)."""
+        return grad_scaler._scale.double().reciprocal().float()
+
+    def _nonfinite(self, buckets: List[Bucket], inv_scale: Optional[Tensor]) -> Tensor:
+        """Count of devices with a non-finite gradient, over every rank that holds a shard
+        of them (so all ranks skip or raise together); multiplies grads by ``inv_scale``."""
+        by_key: Dict[tuple, List[Tensor]] = {}
+        for b in buckets:
+            by_key.setdefault((b.device, b.reduce_over), []).extend(b.grads)
+        parts = []
+        for (device, reduce_over), grads in by_key.items():
+            found = torch.zeros(1, dtype=torch.float32, device=device)
+            inv = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None \
+                else inv_scale.to(device).reshape(1)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
+            parts.append((reduce_over, found.reshape(())))
+        return self._reduce(parts)

@@ -1,0 +1,482 @@
+"""The non-finite guard: inf/NaN found inside the fused passes, with no pass of its own.
+
+Rules checked (``Ops.restore_sgd`` / ``Ops.perturb`` and ``SharpnessAware``'s guard):
+
+* an update pass given ``found_inf`` keeps every element whose gradient is inf or NaN
+  (weight restored, state untouched, a new momentum buffer 0 there), steps every other
+  element exactly as without the guard, and sets ``found_inf[1]``;
+* ``found_inf[0] != 0`` skips the step: the update only restores ``w``, the perturbation
+  is ``e = 0``;
+* through the optimizer (defaults, no scaler): an inf/NaN never reaches the weights or
+  the state, and ``FloatingPointError`` says so -- at once where the flags live on the CPU,
+  at the next ``first_step`` where they live on a GPU (simulated here by reading them
+  late on the CPU);
+* the default step runs no separate inf/NaN pass on the guarding backends.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sharpopt
+from sharpopt import _core, _finite
+from sharpopt.backends import reference
+from conftest import FAST_BACKENDS, assert_close, require_backend
+
+REF = reference.load()
+#: The backends whose passes take ``found_inf``; every other one must say it does not.
+GUARDING = [n for n in ("cpu", "triton", "cuda") if n in FAST_BACKENDS]
+# The last shape spans several CPU work units (2**16) and CUDA chunks. Triton under its
+# interpreter (which runs the kernels in chunks of 128 elements, in Python) gets one that
+# spans several of those chunks and ends in a partial one, at a fraction of the time.
+SHAPES = [(1,), (37,), (5, 13), (0,), (3, 1, 7), (2 ** 16 + 9,)]
+INTERPRETED_SHAPES = SHAPES[:-1] + [(6 * 128 + 9,)]
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")
+BAD = (float("inf"), float("-inf"), float("nan"))
+
+
+@pytest.fixture(params=GUARDING)
+def guarded(request):
+    return require_backend(request.param)
+
+
+def test_guarding_backends_say_so():
+    for name in FAST_BACKENDS + ["reference"]:
+        try:
+            ops = sharpopt.backends._load(name)
+        except sharpopt.backends.BackendUnavailable:
+            continue
+        assert ops.guards_nonfinite == (name in GUARDING), name
+
+
+def _inputs(dtype, seed, poison=True, ops=None):
+    """Fresh tensors per shape and, with ``poison``, a few inf/NaN gradient elements in
+    every other non-empty tensor (the mask of them is returned)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda s: torch.randn(s, generator=g).to(dtype)  # noqa: E731
+    w, saved, grads, bad = [], [], [], []
+    shapes = INTERPRETED_SHAPES if ops is not None and ops.name == "triton" else SHAPES
+    for i, shape in enumerate(shapes):
+        w.append(rnd(shape))
+        saved.append(rnd(shape))
+        gr = rnd(shape)
+        mask = torch.zeros(shape, dtype=torch.bool)
+        if poison and gr.numel() and i % 2 == 0:
+            idx = torch.randperm(gr.numel(), generator=g)[: max(1, gr.numel() // 97)]
+            mask.view(-1)[idx] = True
+            vals = torch.tensor(BAD, dtype=dtype)[torch.arange(len(idx)) % 3]
+            gr.view(-1)[idx] = vals
+        grads.append(gr)
+        bad.append(mask)
+    return w, saved, grads, bad
+
+
+def _clone(ts):
+    return [t.clone() for t in ts]
+
+
+UPDATES = {
+    "sgd": ("sgd", dict(lr=0.1, weight_decay=1e-2, momentum=0.9, dampening=0.1,
+                        nesterov=False, maximize=False, init_buffers=False)),
+    "sgd-first-step": ("sgd", dict(lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0,
+                                   nesterov=True, maximize=False, init_buffers=True)),
+    "sgd-no-momentum": ("sgd", dict(lr=0.1, weight_decay=1e-2, momentum=0.0, dampening=0.0,
+                                    nesterov=False, maximize=True, init_buffers=False)),
+    "adam": ("adam", dict(step=3, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=1e-2,
+                          decoupled=False, amsgrad=False, maximize=False)),
+    "adamw-amsgrad": ("adam", dict(step=5, lr=1e-2, beta1=0.8, beta2=0.95, eps=1e-6,
+                                   weight_decay=1e-1, decoupled=True, amsgrad=True,
+                                   maximize=True)),
+}
+
+
+def _state(kind, kw, w, seed):
+    g = torch.Generator().manual_seed(seed + 7)
+    like = lambda: [torch.randn(t.shape, generator=g).to(t.dtype) for t in w]  # noqa: E731
+    if kind == "sgd":
+        return [like()] if kw["momentum"] else [[]]
+    pos = lambda: [torch.rand(t.shape, generator=g).to(t.dtype) for t in w]  # noqa: E731
+    return [like(), pos(), pos() if kw["amsgrad"] else []]
+
+
+def _run(ops, kind, kw, w, saved, grads, state, found=None):
+    extra = {} if found is None else {"found_inf": found}
+    if kind == "sgd":
+        ops.restore_sgd(w, saved, grads, state[0], **kw, **extra)
+    else:
+        ops.restore_adam(w, saved, grads, *state, **kw, **extra)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("has_saved", [True, False], ids=["restore", "no-saved"])
+@pytest.mark.parametrize("case", list(UPDATES))
+def test_update_keeps_the_elements_whose_gradient_is_not_finite(guarded, case, has_saved,
+                                                                dtype):
+    kind, kw = UPDATES[case]
+    seed = sum(map(ord, case)) + 2 * has_saved + 3 * dtype.itemsize
+    w, saved, grads, bad = _inputs(dtype, seed=seed, ops=guarded)
+    state = _state(kind, kw, w, 3)
+    before_w = _clone(saved if has_saved else w)
+    before_state = [_clone(s) for s in state]
+    # Expected: the reference update on the same inputs with the bad gradients replaced by
+    # 0 (any finite value), then the kept elements put back.
+    ref_w, ref_state = _clone(w), [_clone(s) for s in state]
+    clean = [torch.where(m, torch.zeros_like(x), x) for x, m in zip(grads, bad)]
+    _run(REF, kind, kw, ref_w, _clone(saved) if has_saved else None, clean, ref_state)
+    found = torch.zeros(2, dtype=torch.float32)
+    _run(guarded, kind, kw, w, saved if has_saved else None, grads, state, found)
+    assert found.tolist() == [0.0, 1.0], f"found_inf after a poisoned update: {found.tolist()}"
+    for i, m in enumerate(bad):
+        where = f"{case}, tensor {i} {tuple(m.shape)}"
+        assert torch.equal(w[i][m], before_w[i][m]), f"{where}: a kept weight changed"
+        assert_close(w[i][~m], ref_w[i][~m], where + ", weights", dtype)
+        for k, (s, r, s0) in enumerate(zip(state, ref_state, before_state)):
+            if not len(s):
+                continue
+            kept = torch.zeros_like(s0[i][m]) if kw.get("init_buffers") else s0[i][m]
+            assert torch.equal(s[i][m], kept), f"{where}: state {k} changed where kept"
+            assert_close(s[i][~m], r[i][~m], f"{where}, state {k}", dtype)
+            assert torch.isfinite(s[i]).all(), f"{where}: state {k} not finite"
+        assert torch.isfinite(w[i]).all(), f"{where}: weights not finite"
+
+
+@pytest.mark.parametrize("case", list(UPDATES))
+def test_guard_changes_no_number_of_a_clean_update(guarded, case):
+    kind, kw = UPDATES[case]
+    w, saved, grads, _ = _inputs(torch.float32, seed=5, poison=False, ops=guarded)
+    state = _state(kind, kw, w, 5)
+    w2, state2 = _clone(w), [_clone(s) for s in state]
+    found = torch.zeros(2, dtype=torch.float32)
+    _run(guarded, kind, kw, w, saved, grads, state, found)
+    _run(guarded, kind, kw, w2, saved, grads, state2)
+    assert found.tolist() == [0.0, 0.0]
+    for i in range(len(w)):
+        assert torch.equal(w[i], w2[i]), f"{case}: tensor {i} differs with the guard"
+        for k in range(len(state)):
+            if len(state[k]):
+                assert torch.equal(state[k][i], state2[k][i]), f"{case}: state {k}[{i}]"
+
+
+@pytest.mark.parametrize("has_saved", [True, False], ids=["restore", "no-saved"])
+@pytest.mark.parametrize("case", list(UPDATES))
+def test_a_skipped_step_only_restores(guarded, case, has_saved):
+    kind, kw = UPDATES[case]
+    w, saved, grads, _ = _inputs(torch.float32, seed=9, ops=guarded)
+    state = _state(kind, kw, w, 9)
+    before_w = _clone(saved if has_saved else w)
+    before_state = [_clone(s) for s in state]
+    found = torch.tensor([1.0, 0.0])
+    _run(guarded, kind, kw, w, saved if has_saved else None, grads, state, found)
+    assert found.tolist() == [1.0, 0.0], "a skipped step reports nothing more"
+    for i in range(len(w)):
+        assert torch.equal(w[i], before_w[i]), f"{case}: weights {i} not restored"
+        for k, (s, s0) in enumerate(zip(state, before_state)):
+            if len(s):
+                kept = torch.zeros_like(s0[i]) if kw.get("init_buffers") else s0[i]
+                assert torch.equal(s[i], kept), f"{case}: state {k}[{i}] changed"
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_a_skipped_step_perturbs_by_zero(guarded, save):
+    w, saved, grads, _ = _inputs(torch.float32, seed=11, ops=guarded)
+    w0, s0 = _clone(w), _clone(saved)
+    means = [torch.empty(g.shape[0]) if g.dim() > 1 else None for g in grads]
+    guarded.sumsq(grads, w, adaptive=True, eta=0.01, centralize=True, row_means=means)
+    guarded.perturb(w, grads, saved, 0.5, adaptive=True, eta=0.01, row_means=means,
+                    save=save, found_inf=torch.tensor([1.0, 0.0]))
+    for i in range(len(w)):
+        expect = w0[i] if save else s0[i]
+        assert torch.equal(w[i], expect), f"tensor {i}: w moved on a skipped step"
+        assert torch.equal(saved[i], w0[i] if save else s0[i]), f"tensor {i}: saved"
+
+
+# -- through the optimizer -------------------------------------------------------------
+BASES = {"SGD": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+         "AdamW": (torch.optim.AdamW, dict(lr=1e-2))}
+ALGOS = {"SAM": sharpopt.SAM, "ASAM": sharpopt.ASAM, "GCSAM": sharpopt.GCSAM}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+
+
+def _loss(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(17, 13, generator=g)
+    return model(x).square().mean()
+
+
+def _snapshot(model, opt):
+    ws = [p.detach().clone() for p in model.parameters()]
+    st = {id(p): {k: v.clone() for k, v in opt.base_optimizer.state[p].items()}
+          for p in model.parameters() if p in opt.base_optimizer.state}
+    return ws, st
+
+
+def _assert_state_equal(model, opt, st, what):
+    for i, p in enumerate(model.parameters()):
+        for k, v in opt.base_optimizer.state[p].items():
+            assert torch.equal(v, st[id(p)][k]), f"{what}: param {i} state {k!r} changed"
+
+
+def _steps(model, opt, n, seed=0):
+    for s in range(n):
+        _loss(model, seed + s).backward()
+        opt.first_step(zero_grad=True)
+        _loss(model, seed + s).backward()
+        opt.second_step(zero_grad=True)
+
+
+def _count_separate_checks(monkeypatch):
+    calls = []
+    real = _core.SharpnessAware._nonfinite
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(_core.SharpnessAware, "_nonfinite", spy)
+    return calls
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_inf_in_the_second_pass_keeps_those_elements_and_raises(guarded, algo, base,
+                                                                monkeypatch):
+    cls, (base_cls, kw) = ALGOS[algo], BASES[base]
+    model, twin = _model(), _model()
+    opt = cls(model.parameters(), base_cls, backend=guarded.name, **kw)
+    ref = cls(twin.parameters(), base_cls, backend="reference", check_finite=False, **kw)
+    _steps(model, opt, 2)
+    _steps(twin, ref, 2)
+    checks = _count_separate_checks(monkeypatch)
+    before, st = _snapshot(model, opt)
+    for m, o in ((model, opt), (twin, ref)):
+        _loss(m, 7).backward()
+        o.first_step(zero_grad=True)
+        _loss(m, 7).backward()
+    w = list(model.parameters())[0]
+    w.grad[1, 2], w.grad[4, 0] = float("inf"), float("nan")
+    list(twin.parameters())[0].grad[1, 2] = 0.0     # the twin steps them on 0: ignored below
+    list(twin.parameters())[0].grad[4, 0] = 0.0
+    with pytest.raises(FloatingPointError, match="second pass of this step"):
+        opt.second_step(zero_grad=True)
+    ref.second_step(zero_grad=True)
+    assert not checks, "the default step ran a separate inf/NaN pass"
+    kept = torch.zeros_like(w, dtype=torch.bool)
+    kept[1, 2] = kept[4, 0] = True
+    assert torch.equal(w[kept], before[0][kept]), "a kept weight moved"
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        m = kept if i == 0 else torch.zeros_like(p, dtype=torch.bool)
+        assert_close(p[~m], q[~m], f"{algo}+{base}: param {i} (finite elements)")
+        for k, v in opt.base_optimizer.state[p].items():
+            assert torch.isfinite(v).all(), f"param {i} state {k} not finite"
+            if k == "step":
+                assert torch.equal(v, st[id(p)][k]), "Adam's step count advanced"
+            elif i == 0:
+                assert torch.equal(v[kept], st[id(p)][k][kept]), f"state {k} moved where kept"
+    _steps(model, opt, 1, seed=20)                  # training goes on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_inf_in_the_first_pass_raises_before_anything_moves(guarded, base, monkeypatch):
+    base_cls, kw = BASES[base]
+    model = _model()
+    opt = sharpopt.SAM(model.parameters(), base_cls, backend=guarded.name, **kw)
+    _steps(model, opt, 2)
+    checks = _count_separate_checks(monkeypatch)
+    before, st = _snapshot(model, opt)
+    _loss(model, 3).backward()
+    list(model.parameters())[2].grad[0, 5] = float("-inf")
+    with pytest.raises(FloatingPointError, match="first pass"):
+        opt.first_step(zero_grad=True)
+    assert not checks, "the default step ran a separate inf/NaN pass"
+    assert not opt.perturbed
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    _assert_state_equal(model, opt, st, "after the refused first pass")
+    opt.zero_grad()
+    _steps(model, opt, 1, seed=30)
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("poison", [1, 2], ids=["first-pass", "second-pass"])
+def test_flags_read_late_raise_at_the_next_first_step(guarded, base, poison, monkeypatch):
+    """A GPU's flags stay on the device: the step goes on without a host read (e = 0 and no
+    update after an inf in the first pass) and the next first_step raises."""
+    monkeypatch.setattr(_finite, "_reads_now", lambda devices: False)
+    base_cls, kw = BASES[base]
+    model = _model()
+    opt = sharpopt.SAM(model.parameters(), base_cls, backend=guarded.name, **kw)
+    _steps(model, opt, 2)
+    before, st = _snapshot(model, opt)
+    _loss(model, 3).backward()
+    if poison == 1:
+        list(model.parameters())[0].grad.fill_(float("nan"))
+    assert opt.first_step(zero_grad=True) is True       # no host read: the step goes on
+    if poison == 1:
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), \
+            "the weights were perturbed after an inf in the first pass"
+    _loss(model, 3).backward()
+    if poison == 2:
+        for p in model.parameters():
+            p.grad.fill_(float("inf"))
+    opt.second_step(zero_grad=True)                      # nothing raised yet
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), \
+        "the weights moved in a step the guard kept whole"
+    _loss(model, 4).backward()
+    with pytest.raises(FloatingPointError, match="previous step"):
+        opt.first_step(zero_grad=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    _assert_state_equal(model, opt, st, "after the late report")
+    opt.zero_grad()
+    _steps(model, opt, 2, seed=40)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_other_algorithms_keep_the_separate_check(guarded, monkeypatch):
+    """LookSAM's descent writes its own state from the second pass's gradients, which the
+    update's guard would not cover: it keeps the separate check, and an inf still leaves
+    everything as it was."""
+    model = _model()
+    opt = sharpopt.LookSAM(model.parameters(), torch.optim.SGD, backend=guarded.name, k=2,
+                           lr=0.1, momentum=0.9)
+    assert not opt._guarded_descent
+    for s in range(2):
+        opt.step(lambda: _loss(model, s).backward())
+    while True:                          # up to a step that perturbs (every k-th)
+        before, st = _snapshot(model, opt)
+        _loss(model, 5).backward()
+        if opt.first_step(zero_grad=True):
+            break
+    _loss(model, 5).backward()
+    list(model.parameters())[1].grad[0] = float("nan")
+    checks = _count_separate_checks(monkeypatch)
+    with pytest.raises(FloatingPointError, match="second pass"):
+        opt.second_step(zero_grad=True)
+    assert checks, "LookSAM's second pass was not checked"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    _assert_state_equal(model, opt, st, "LookSAM after a refused second pass")
+
+
+def test_a_captured_default_step_counts_instead_of_raising(guarded, monkeypatch):
+    """Inside a CUDA-graph capture nothing can raise or read the host: the guard still
+    keeps the weights and counts the step in ``nonfinite_steps`` (device ops only). The
+    GPU and the capture are simulated (flags read late, capture flag faked)."""
+    monkeypatch.setattr(_finite, "_reads_now", lambda devices: False)
+    model = _model()
+    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, backend=guarded.name, lr=0.1,
+                       momentum=0.9)
+    _steps(model, opt, 2)
+    assert opt.nonfinite_steps == 0
+    before, st = _snapshot(model, opt)
+    prior = opt._run.pending                  # the last eager step's copy, not read yet
+    monkeypatch.setattr(sharpopt._plan, "_capturing", lambda: True)
+    _loss(model, 3).backward()
+    assert opt.first_step(zero_grad=True)
+    _loss(model, 3).backward()
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))
+    opt.second_step(zero_grad=True)
+    assert opt._run.pending is prior, "a captured step made a host copy"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    _assert_state_equal(model, opt, st, "captured poisoned step")
+    assert opt.nonfinite_steps == 1
+
+
+def test_paths_that_read_the_host_still_refuse_capture(monkeypatch):
+    """Where the check needs a host read (flags on the CPU, or a backend without the
+    guard) a capture is refused before anything moves, naming check_finite=False."""
+    model = _model()
+    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, backend="foreach", lr=0.1)
+    monkeypatch.setattr(_finite, "_reads_now", lambda devices: False)
+    _steps(model, opt, 1)
+    before, _ = _snapshot(model, opt)
+    monkeypatch.setattr(sharpopt._plan, "_capturing", lambda: True)
+    _loss(model, 3).backward()
+    with pytest.raises(RuntimeError, match="check_finite=False"):
+        opt.first_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+# -- on a GPU ----------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _gpu_setup(backend, seed=0):
+    shapes = [(33, 7), (33,), (5, 3, 3, 3), (1,), (70001,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i + seed))
+                             .cuda()) for i, s in enumerate(shapes)]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = sharpopt.SAM(ps, torch.optim.SGD, rho=0.1, backend=backend, lr=0.1, momentum=0.9)
+    return ps, opt
+
+
+@needs_gpu
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+def test_default_gpu_step_never_synchronises(gpu_backend):
+    """Zero host synchronisations in a default step (check_finite=True) after warm-up."""
+    require_backend(gpu_backend, torch.device("cuda"))
+    ps, opt = _gpu_setup(gpu_backend)
+    g = [torch.randn_like(p) for p in ps]
+
+    def step():
+        torch._foreach_copy_([p.grad for p in ps], g)
+        opt.first_step()
+        torch._foreach_copy_([p.grad for p in ps], g)
+        opt.second_step()
+    step()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert opt.nonfinite_steps == 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend):
+    """A whole default SAM + SGD step captured after one warm-up step: replays match eager
+    steps, and a replay on poisoned gradients keeps those elements and is counted."""
+    require_backend(gpu_backend, torch.device("cuda"))
+    torch.manual_seed(0)
+    (ps, opt), (qs, ref) = _gpu_setup(gpu_backend), _gpu_setup(gpu_backend)
+    g1 = [torch.randn_like(p) for p in ps]
+    g2 = [torch.randn_like(p) for p in ps]
+
+    def stepper(params, o):
+        def step():
+            torch._foreach_copy_([p.grad for p in params], g1)
+            o.first_step()
+            torch._foreach_copy_([p.grad for p in params], g2)
+            o.second_step()
+        return step
+    step, ref_step = stepper(ps, opt), stepper(qs, ref)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ref_step()
+    for _ in range(3):
+        graph.replay()
+        ref_step()
+    torch.cuda.synchronize()
+    for i, (p, q) in enumerate(zip(ps, qs)):
+        torch.testing.assert_close(p, q, msg=lambda m: f"param {i}: {m}")
+    before = [p.detach().clone() for p in ps]
+    g2[0][3, 4] = float("inf")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert ps[0][3, 4] == before[0][3, 4], "a kept weight moved in a replay"
+    assert all(torch.isfinite(p).all() for p in ps)
+    assert opt.nonfinite_steps == 1
