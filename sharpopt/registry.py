@@ -72,7 +72,8 @@ SCALER_INF = "scaler-inf"
 MICRO_BATCH = "micro-batch"
 COMPILED = "compiled"
 SHARDED = "sharded"
-CLOSURE_LESS = "closure-less"
+TRAINER = "trainer-protocol"
+TRAINER_SCALER = "trainer-scaler-step"
 SCHEDULES = "schedules"
 SCHEDULES_BF16 = "schedules-bf16"
 
@@ -90,7 +91,9 @@ SUITES: Mapping[str, str] = types.MappingProxyType({
               "(keywords include the base optimizer)",
     SHARDED: "test_training: FSDP2-sharded parameters equal one process "
              "(keywords include the base optimizer)",
-    CLOSURE_LESS: "test_trainer_protocol: first_step; backward; step() finishes the step",
+    TRAINER: "test_trainer_protocol: a closure-less step() finishes the step; "
+             "max_grad_norm clips the descent direction",
+    TRAINER_SCALER: "test_trainer_protocol: scaler.step(opt) after first_step finishes it",
     SCHEDULES: "test_schedules: every schedule against reference, fp32",
     SCHEDULES_BF16: "test_schedules: every schedule against reference, bf16",
 })
@@ -266,7 +269,8 @@ register(Algorithm(
         Case("SAM", dict(rho=0.05), EQUIVALENCE, STATE_DICT, SCHEDULES, SCHEDULES_BF16),
         Case("SAM-k2", dict(rho=0.05, k=2), EQUIVALENCE, STATE_DICT),
         Case("SAM", {}, RHO_ZERO, MICRO_BATCH),
-        Case("SAM", dict(rho=0.1), GRAD_SCALER, SCALER_FOLD, SCALER_INF, CLOSURE_LESS),
+        Case("SAM", dict(rho=0.1), GRAD_SCALER, SCALER_FOLD, SCALER_INF, TRAINER,
+             TRAINER_SCALER),
         Case("SAM(k=2)+SGD", dict(base_optimizer=_SGD, rho=0.1, lr=0.1, momentum=0.9, k=2),
              COMPILED),
         Case("SAM+SGD", dict(base_optimizer=_SGD, rho=0.1, lr=0.1, momentum=0.9), SHARDED),
@@ -305,7 +309,8 @@ register(Algorithm(
     cases=(
         Case("GSAM", dict(rho=0.05, alpha=0.4), EQUIVALENCE, SCHEDULES),
         Case("GSAM", {}, MICRO_BATCH),
-        Case("GSAM", dict(rho=0.1, alpha=0.3), GRAD_SCALER, SCALER_FOLD, CLOSURE_LESS),
+        Case("GSAM", dict(rho=0.1, alpha=0.3), GRAD_SCALER, SCALER_FOLD, TRAINER,
+             TRAINER_SCALER),
         Case("GSAM+SGD", dict(base_optimizer=_SGD, lr=0.1), COMPILED),
         Case("GSAM+SGD", dict(base_optimizer=_SGD, rho=0.1, alpha=0.3, lr=0.1), SHARDED),
     ),
@@ -323,7 +328,7 @@ register(Algorithm(
              EQUIVALENCE),
         Case("WSAM", dict(rho=0.05), SCHEDULES),
         Case("WSAM", {}, MICRO_BATCH),
-        Case("WSAM", dict(rho=0.1), CLOSURE_LESS),
+        Case("WSAM", dict(rho=0.1), TRAINER),
         Case("WSAM+SGD", dict(base_optimizer=_SGD, lr=0.1, max_norm=0.5), COMPILED),
         Case("WSAM+SGD", dict(base_optimizer=_SGD, rho=0.1, max_norm=0.5, lr=0.1,
                               momentum=0.9), SHARDED),
@@ -347,7 +352,7 @@ register(Algorithm(
     "LookSAM", LookSAM, TWO_PASS, _KEEPING_PASSES, dict(rho=0.05, k=2, alpha=0.7),
     cases=(
         Case("LookSAM-k3", dict(rho=0.05, k=3), STATE_DICT),
-        Case("LookSAM", dict(rho=0.1, k=2), CLOSURE_LESS),
+        Case("LookSAM", dict(rho=0.1, k=2), TRAINER),
         Case("LookSAM+SGD", dict(base_optimizer=_SGD, lr=0.1, k=2), COMPILED),
         Case("LookSAM+Adam", dict(base_optimizer=_ADAM, rho=0.1, k=2, lr=0.01), SHARDED),
     ),
