@@ -14,7 +14,7 @@ Adding an algorithm (see also ``docs/checklists.md``):
 2. add one :func:`register` call below (or, in a test, use :func:`registered`)::
 
        register(Algorithm(
-           "MySAM", MySAM, TWO_PASS, passes=("sumsq", "perturb", "restore", *RESTORE_UPDATE),
+           "MySAM", MySAM, TWO_PASS, passes=("sumsq", "perturb", *RESTORE_UPDATE),
            defaults=dict(rho=0.05),            # the equivalence suite's case "MySAM"
            cases=(Case("MySAM", dict(rho=0.1), GRAD_SCALER),),   # optional: more suites
            bench=Bench("mysam", dict(rho=0.05), accesses=lambda u, kw: 5 + u,
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
@@ -107,7 +107,8 @@ def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
 class Case:
     """One way a suite builds the algorithm: ``cls(params, **kwargs)`` beside what the suite
     adds itself (the backend; the base optimizer and its keywords where the suite supplies
-    them). ``id`` is the test id, unique within each suite."""
+    them). ``id`` is the test id, unique within each suite. Written
+    ``Case(id, kwargs, SUITE, ...)``: the suites follow as positional arguments."""
 
     id: str
     kwargs: Mapping[str, Any]
@@ -235,6 +236,7 @@ def register(entry: Algorithm) -> Algorithm:
 
 
 def unregister(name: str) -> Algorithm:
+    """Remove and return the entry ``name``."""
     return ALGORITHMS.pop(name)
 
 
