@@ -394,6 +394,7 @@ register(Algorithm(
 ))
 register(Algorithm(
     "MSAM", MSAM, ONE_PASS, ("sumsq", "lincomb", "msam_sgd", "msam_adam"), dict(rho=0.3),
-    equivalence=False, notes="one gradient per step; tested by tests/test_msam.py and benchmarked by "
-                    "bench/bench_msam.py (SGD needs momentum > 0)",
+    equivalence=False,
+    notes="one gradient per step; tested by tests/test_msam.py and benchmarked by "
+          "bench/bench_msam.py (SGD needs momentum > 0)",
 ))
