@@ -202,8 +202,7 @@ def run_case(args, device, workload: str, dtype_name: str, algo: str, base: str,
     sync = _sync(device)
     tracker = MemoryTracker(device, args.memory)
     per_sample = P.calls_per_sample(algo)
-    model_bpp = bytes_per_param(algo, base, dtype, k=P.ALGO_KW["looksam"]["k"],
-                                inner_steps=P.ALGO_KW["rbo"]["inner_steps"])
+    model_bpp = bytes_per_param(algo, base, dtype)   # the benchmark's own k, inner_steps
     model_bytes = model_bpp * pset.n_params
 
     def reset_grads():

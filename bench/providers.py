@@ -13,6 +13,10 @@ Baselines (written here, in plain PyTorch, for every algorithm of sharpopt):
 * ``compiled`` — ``torch.compile`` of the ``foreach`` wrapper's ``first_step`` and
   ``second_step`` (base optimizer step included in the compiled region).
 
+The algorithms, their hyper-parameters and closure needs come from
+:mod:`sharpopt.registry` (every entry with ``bench`` settings, by its ``bench.key``). An
+algorithm without a plain baseline below is benchmarked on sharpopt's backends only.
+
 sharpopt: one provider per backend that ``sharpopt.available_backends(device)`` lists
 (``sharpopt:reference``, ``sharpopt:foreach``, ``sharpopt:cpu``, ``sharpopt:cuda``,
 ``sharpopt:triton``). Triton on CPU tensors only runs under its interpreter, which is a
@@ -30,22 +34,16 @@ import torch
 from torch import Tensor
 
 import sharpopt
+from sharpopt import registry
 
-ALGOS = ["sam", "asam", "gcsam", "gsam", "wsam", "crsam", "looksam", "friendlysam", "rbo"]
-CLOSURE_ALGOS = ("crsam", "rbo")
+#: The benchmarked algorithms: registry entries with benchmark settings, by their key.
+BENCHED: Dict[str, registry.Algorithm] = {
+    a.bench.key: a for a in registry.ALGORITHMS.values() if a.bench is not None}
+ALGOS = list(BENCHED)
+CLOSURE_ALGOS = tuple(k for k, a in BENCHED.items() if a.protocol == registry.CLOSURE)
 
 #: Hyperparameters: the papers' defaults (ASAM: rho 0.5, eta 0.01; LookSAM k = 5).
-ALGO_KW: Dict[str, dict] = {
-    "sam": dict(rho=0.05),
-    "asam": dict(rho=0.5, eta=0.01),
-    "gcsam": dict(rho=0.05),
-    "gsam": dict(rho=0.05, alpha=0.4),
-    "wsam": dict(rho=0.05, gamma=0.9),
-    "crsam": dict(rho=0.05, gamma=0.1, beta=0.1),
-    "looksam": dict(rho=0.05, k=5, alpha=0.7),
-    "friendlysam": dict(rho=0.05, sigma=1.0, lam=0.95),
-    "rbo": dict(lr=0.01, rho=0.05, inner_steps=5, inner_lr=0.2),
-}
+ALGO_KW: Dict[str, dict] = {k: dict(a.bench.kwargs) for k, a in BENCHED.items()}
 
 BASES: Dict[str, Tuple[type, dict]] = {
     "sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
@@ -56,8 +54,9 @@ EPS = 1e-12
 
 
 def calls_per_sample(algo: str) -> int:
-    """LookSAM's cost depends on the call: a timed sample is one cycle of ``k`` calls."""
-    return ALGO_KW["looksam"]["k"] if algo == "looksam" else 1
+    """Where the cost depends on the call (LookSAM's ``k``: the full step every k-th call),
+    a timed sample is one cycle of ``k`` calls."""
+    return int(ALGO_KW[algo].get("k", 1))
 
 
 # -- the plain-PyTorch baselines ------------------------------------------------------
@@ -69,6 +68,9 @@ class Plain:
     preallocated buffers. Both follow docs/algorithms.md, so they compute the same
     numbers as sharpopt (checked by ``bench.__main__`` before timing).
     """
+
+    #: The algorithms written here (a registry entry outside this list has no baseline).
+    ALGOS = ("sam", "asam", "gcsam", "gsam", "wsam", "crsam", "looksam", "friendlysam", "rbo")
 
     def __init__(self, params, algo: str, base: str, *, loop: bool, fused_base: bool = False):
         self.params = list(params)
@@ -290,14 +292,11 @@ class Provider:
 
 
 def _sharpopt(params, algo: str, base: str, backend: str):
-    kw = dict(ALGO_KW[algo])
-    if algo == "rbo":
-        return sharpopt.RBO(params, backend=backend, **kw)
-    cls = {"sam": sharpopt.SAM, "asam": sharpopt.ASAM, "gcsam": sharpopt.GCSAM,
-           "gsam": sharpopt.GSAM, "wsam": sharpopt.WSAM, "crsam": sharpopt.CRSAM,
-           "looksam": sharpopt.LookSAM, "friendlysam": sharpopt.FriendlySAM}[algo]
+    entry = BENCHED[algo]
+    if not entry.base:
+        return entry.build(params, backend=backend, **ALGO_KW[algo])
     base_cls, base_kw = BASES[base]
-    return cls(params, base_cls, backend=backend, **kw, **base_kw)
+    return entry.build(params, base_cls, backend=backend, **ALGO_KW[algo], **base_kw)
 
 
 def _fused_base_why_not(base: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -322,25 +321,32 @@ class Compiled:
 
 #: The compiled provider covers the two-pass algorithms without call-dependent branches
 #: (LookSAM's every-k switch would recompile; CR-SAM and RBO run the user's closure inside
-#: the step, which torch.compile cannot trace as one region).
-COMPILABLE = ("sam", "asam", "gcsam", "gsam", "wsam", "friendlysam")
+#: the step, which torch.compile cannot trace as one region): the registry's
+#: ``bench.compilable``.
+COMPILABLE = tuple(k for k, a in BENCHED.items() if a.bench.compilable)
 
 
 def providers(device: torch.device, dtype: torch.dtype, algo: str, base: str, *,
               compile_: bool, compile_why_not: str = "") -> List[Provider]:
     """Every provider for this case, in table order; unavailable ones carry ``why_not``."""
+    plain_no = None if algo in Plain.ALGOS else f"no plain-PyTorch baseline for {algo}"
     out = [
         Provider("eager", lambda ps: Plain(ps, algo, base, loop=True),
-                 "for-loop wrapper (per-tensor clone/scale/add) + torch default base step"),
+                 "for-loop wrapper (per-tensor clone/scale/add) + torch default base step",
+                 plain_no),
         Provider("foreach", lambda ps: Plain(ps, algo, base, loop=False),
-                 "torch._foreach_* wrapper + base(foreach=True)"),
+                 "torch._foreach_* wrapper + base(foreach=True)", plain_no),
     ]
-    fused_no = None if algo != "rbo" else "RBO has no base optimizer"
+    fused_no = plain_no
+    if fused_no is None and not BENCHED[algo].base:
+        fused_no = f"{BENCHED[algo].name} has no base optimizer"
     fused_no = fused_no or _fused_base_why_not(base, device, dtype)
     out.append(Provider("eager+fused-base",
                         lambda ps: Plain(ps, algo, base, loop=True, fused_base=True),
                         "for-loop perturbation + base(fused=True)", fused_no))
-    if algo not in COMPILABLE:
+    if plain_no is not None:
+        why = plain_no
+    elif algo not in COMPILABLE:
         why = f"{algo} is not in the compiled provider (call-dependent branches or a closure)"
     elif not compile_:
         why = compile_why_not or "not requested (--compile)"

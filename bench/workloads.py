@@ -16,7 +16,8 @@ code), not typed in by hand:
 
 The byte model (:func:`bytes_per_param`) counts, for each algorithm and base optimizer,
 the tensor elements an ideal fused implementation must read and write per parameter per
-step (docs/byte-model.md); multiplied by the element size of the parameter dtype it gives
+step (docs/byte-model.md; each algorithm's count is its ``bench.accesses`` in
+:mod:`sharpopt.registry`); multiplied by the element size of the parameter dtype it gives
 bytes, and ``bytes × n_params / time`` is the effective bandwidth a provider reaches.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+
+from sharpopt import registry
 
 Shape = Tuple[int, ...]
 
@@ -146,47 +149,26 @@ def make_params(name: str, dtype: torch.dtype, device: torch.device, n_grads: in
 #: Adam/AdamW: 7 (read saved, d, m, v; write m, v, w).
 BASE_ACCESSES = {"sgd": 5, "sgd-plain": 3, "adamw": 7}
 
-#: Accesses of the algorithm's own passes, excluding the base update; ``u`` is added by
-#: :func:`accesses_per_param`. Each line is the minimum a fused implementation needs: a
-#: reduction must finish before the elementwise pass that uses it.
-ALGO_NOTES = {
-    "sam": "norm (read g) 1 + perturb (read g, w; write w, saved) 4 + update u",
-    "asam": "norm (read g, w) 2 + perturb 4 + u",
-    "gcsam": "as SAM: the row sums ride in the norm pass; + u",
-    "gsam": "norm 1 + perturb & keep g (write g0) 5 + dot/norm (read g0, g_p) 2 + update that "
-            "also reads g0: u + 1",
-    "wsam": "norm 1 + perturb & keep g 5 + update with g then w -= c (g_p - g), merged: u + 1",
-    "crsam": "norm 1 + perturb & keep g0 5 + keep g+ and move to w - e (read g+, saved, g0; "
-             "write g+, w) 5 + combine & update (reads g-, g+, g0): u + 2",
-    "looksam": "every k-th call: norm 1 + perturb & keep g 5 + dot 2 + update writing g_v u + 2;"
-               " other calls: norms of g, g_v 2 + update reading g_v u + 1; averaged over k",
-    "friendlysam": "norm of g - sigma m (read g, m) 2 + perturb & update m (read g, m, w; "
-                   "write w, saved, m) 6 + u",
-    "rbo": "norm 1 + centre (read w, g; write centre) 3 + K inner steps (read x, centre, g; "
-           "write x) 4 each; no base optimizer",
-}
-
-
-def accesses_per_param(algo: str, base: str, *, k: int = 5, inner_steps: int = 5) -> float:
-    """Element accesses per parameter per step (per call, averaged, for LookSAM)."""
-    u = BASE_ACCESSES[base]
-    if algo in ("sam", "gcsam"):
-        return 5 + u
-    if algo == "asam":
-        return 6 + u
-    if algo == "gsam":
-        return 1 + 5 + 2 + u + 1
-    if algo == "wsam":
-        return 1 + 5 + u + 1
-    if algo == "crsam":
-        return 1 + 5 + 5 + u + 2
-    if algo == "looksam":
-        return ((1 + 5 + 2 + u + 2) + (k - 1) * (2 + u + 1)) / k
-    if algo == "friendlysam":
-        return 2 + 6 + u
-    if algo == "rbo":
-        return 1 + 3 + 4 * inner_steps
+def _bench_entry(algo: str) -> registry.Algorithm:
+    for entry in registry.ALGORITHMS.values():
+        if entry.bench is not None and entry.bench.key == algo:
+            return entry
     raise ValueError(f"unknown algorithm {algo!r}")
+
+
+def algo_note(algo: str) -> str:
+    """How the algorithm's own accesses are counted (the registry's ``bench.note``)."""
+    return _bench_entry(algo).bench.note
+
+
+def accesses_per_param(algo: str, base: str, **kw) -> float:
+    """Element accesses per parameter per step (per call, averaged, for LookSAM): the
+    registry's ``bench.accesses`` of the algorithm's own passes (each the minimum a fused
+    implementation needs: a reduction must finish before the elementwise pass that uses
+    it) plus ``BASE_ACCESSES[base]``. ``kw`` replaces the benchmark's hyper-parameters
+    (``k``, ``inner_steps``, ...)."""
+    bench = _bench_entry(algo).bench
+    return bench.accesses(BASE_ACCESSES[base], {**bench.kwargs, **kw})
 
 
 def bytes_per_param(algo: str, base: str, dtype: torch.dtype, **kw) -> float:

@@ -9,8 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import sharpopt
+from sharpopt import registry
 from sharpopt.backends import BackendUnavailable
 
+RHO_ZERO = registry.cases(registry.RHO_ZERO)
+STATE_DICT = registry.cases(registry.STATE_DICT)
+CLOSURE_ONLY = [n for n, a in registry.ALGORITHMS.items() if a.protocol == registry.CLOSURE]
 
 
 def net(seed=0):
@@ -36,10 +40,12 @@ def closure_for(model, x, y):
     (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
     (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
 ])
-@pytest.mark.parametrize("cls", [sharpopt.SAM, sharpopt.GCSAM, sharpopt.FriendlySAM])
-def test_rho_zero_reproduces_base_optimizer(backend, cls, base, kw):
+@pytest.mark.parametrize("case", list(RHO_ZERO))
+def test_rho_zero_reproduces_base_optimizer(backend, case, base, kw):
+    algo, case_kw = RHO_ZERO[case]
     model, ref = net(), net()
-    opt = cls(model.parameters(), base, rho=0.0, backend=backend, **kw)
+    opt = algo.build(model.parameters(), base, **{**case_kw, "rho": 0.0}, backend=backend,
+                     **kw)
     base_opt = base(ref.parameters(), **kw)
     for x, y in data():
         opt.step(closure_for(model, x, y))
@@ -65,20 +71,16 @@ def test_rho_zero_is_bit_exact_on_reference():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("cls,kw", [
-    (sharpopt.SAM, dict(rho=0.05)),
-    (sharpopt.LookSAM, dict(rho=0.05, k=3)),
-    (sharpopt.FriendlySAM, dict(rho=0.05)),
-    (sharpopt.SAM, dict(rho=0.05, k=2)),
-])
+@pytest.mark.parametrize("case", list(STATE_DICT))
 @pytest.mark.parametrize("base,bkw", [
     (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
     (torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
 ])
-def test_state_dict_round_trip_resumes_same_trajectory(backend, cls, kw, base, bkw):
+def test_state_dict_round_trip_resumes_same_trajectory(backend, case, base, bkw):
+    algo, kw = STATE_DICT[case]
     steps = data(7)
     model = net()
-    opt = cls(model.parameters(), base, backend=backend, **kw, **bkw)
+    opt = algo.build(model.parameters(), base, backend=backend, **kw, **bkw)
     for x, y in steps[:3]:
         opt.step(closure_for(model, x, y))
     ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
@@ -87,7 +89,7 @@ def test_state_dict_round_trip_resumes_same_trajectory(backend, cls, kw, base, b
 
     resumed = net(seed=123)
     resumed.load_state_dict(ckpt["model"])
-    opt2 = cls(resumed.parameters(), base, backend=backend, **kw, **bkw)
+    opt2 = algo.build(resumed.parameters(), base, backend=backend, **kw, **bkw)
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.base_optimizer.state, "base optimizer state was not restored"
     for x, y in steps[3:]:
@@ -309,13 +311,11 @@ def test_first_step_twice_raises():
         opt.first_step()
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: sharpopt.CRSAM(ps, torch.optim.SGD, lr=0.1),
-    lambda ps: sharpopt.RBO(ps, lr=0.1),
-])
-def test_closure_only_algorithms_refuse_two_pass_api(make):
+@pytest.mark.parametrize("name", CLOSURE_ONLY)
+def test_closure_only_algorithms_refuse_two_pass_api(name):
+    algo = registry.ALGORITHMS[name]
     model = net()
-    opt = make(model.parameters())
+    opt = algo.build(model.parameters(), torch.optim.SGD if algo.base else None, lr=0.1)
     x, y = data(1)[0]
     closure_for(model, x, y)()
     with pytest.raises(RuntimeError, match="closure"):

@@ -5,6 +5,11 @@ that gradients are continuous in the weights) train on
 the same batches for several steps, one with ``backend="reference"`` and one with the
 backend under test. After every step the parameters, every entry of the base optimizer's
 state and every entry of the wrapper's own state must agree within the dtype's tolerance.
+
+The algorithms and their keywords come from :mod:`sharpopt.registry` (its ``equivalence``
+cases). :func:`check_matches_reference` and :func:`check_late_gradient` run one case; the
+parametrized tests below and ``tests/test_registry.py`` (an algorithm registered by a
+fixture) call them.
 """
 from __future__ import annotations
 
@@ -16,22 +21,25 @@ import torch.nn.functional as F
 
 import sharpopt
 from conftest import assert_close
+from sharpopt import registry
 
 STEPS = 5
+#: Algorithms without a base optimizer (RBO) evaluate the closure K + 1 times a step:
+#: fewer steps, fp32 and bf16 only (their fp64 passes are tested per pass).
+BASELESS_STEPS = 3
 
-ALGORITHMS = {
-    "SAM": (sharpopt.SAM, dict(rho=0.05)),
-    "SAM-k2": (sharpopt.SAM, dict(rho=0.05, k=2)),
-    "ASAM": (sharpopt.ASAM, dict(rho=0.5, eta=0.01)),
-    "GCSAM": (sharpopt.GCSAM, dict(rho=0.05)),
-    "GCSAM-raw-adaptive": (sharpopt.GCSAM, dict(rho=0.2, norm="raw", adaptive=True)),
-    "GSAM": (sharpopt.GSAM, dict(rho=0.05, alpha=0.4)),
-    "WSAM": (sharpopt.WSAM, dict(rho=0.05, gamma=0.8)),
-    "WSAM-coupled-clip": (sharpopt.WSAM, dict(rho=0.05, gamma=0.5, decouple=False, max_norm=0.5)),
-    "CRSAM": (sharpopt.CRSAM, dict(rho=0.05, gamma=0.1, beta=0.1)),
-    "LookSAM": (sharpopt.LookSAM, dict(rho=0.05, k=2, alpha=0.7)),
-    "FriendlySAM": (sharpopt.FriendlySAM, dict(rho=0.05, sigma=1.0, lam=0.9)),
-}
+
+def equivalence_cases(with_base: bool):
+    """``{id: (algorithm, keywords)}``: the registry's equivalence cases, read now."""
+    return {i: c for i, c in registry.cases(registry.EQUIVALENCE).items()
+            if c[0].base == with_base}
+
+
+ALGORITHMS = equivalence_cases(with_base=True)
+BASELESS = equivalence_cases(with_base=False)
+#: The late-gradient rule applies to the two-pass protocol (each algorithm's main case).
+LATE_GRADIENT = [i for i, (a, _) in ALGORITHMS.items()
+                 if a.protocol == registry.TWO_PASS and i == a.name]
 
 BASES = {
     "SGD-nesterov-wd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True,
@@ -135,44 +143,45 @@ def sync(ref_model, model, ref_opt, opt):
                 val.copy_(ref_val)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("algo", list(ALGORITHMS))
-def test_backend_matches_reference(fast_backend, algo, base, dtype):
-    if fast_backend == "triton" and dtype == torch.float64:
+def check_matches_reference(backend, algo: registry.Algorithm, kwargs, base, dtype,
+                            steps: int = STEPS):
+    """Rule: ``algo`` built with ``kwargs`` (and base optimizer ``BASES[base]``, None for an
+    algorithm without one) on ``backend`` takes the reference's steps: parameters and every
+    state entry within the dtype's tolerance after each of ``steps`` steps."""
+    if backend == "triton" and dtype == torch.float64:
         # The triton fp64 kernels are covered pass by pass (test_triton_kernels.py,
         # test_properties.py); whole trajectories run fp32/bf16 under the interpreter,
         # which would otherwise take most of the suite's time budget.
         pytest.skip("triton: fp64 trajectories not run (fp64 passes are tested per pass)")
-    cls, kwargs = ALGORITHMS[algo]
-    base_cls, base_kwargs = BASES[base]
+    base_cls, base_kwargs = BASES[base] if base is not None else (None, {})
     ref_model = make_model(dtype)
     model = copy.deepcopy(ref_model)
-    ref_opt = cls(ref_model.parameters(), base_cls, backend="reference", **kwargs, **base_kwargs)
-    opt = cls(model.parameters(), base_cls, backend=fast_backend, **kwargs, **base_kwargs)
-    assert opt.backend == fast_backend
-    for step, (x, y) in enumerate(batches(dtype, STEPS)):
+    ref_opt = algo.build(ref_model.parameters(), base_cls, backend="reference", **kwargs,
+                         **base_kwargs)
+    opt = algo.build(model.parameters(), base_cls, backend=backend, **kwargs, **base_kwargs)
+    assert opt.backend == backend
+    for step, (x, y) in enumerate(batches(dtype, steps)):
         ref_opt.step(closure_for(ref_model, x, y))
         opt.step(closure_for(model, x, y))
         compare(step, ref_model, model, ref_opt, opt, dtype)
         if dtype == torch.bfloat16:
             sync(ref_model, model, ref_opt, opt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_backend_matches_reference(fast_backend, algo, base, dtype):
+    entry, kwargs = ALGORITHMS[algo]
+    check_matches_reference(fast_backend, entry, kwargs, base, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
                          ids=lambda d: str(d).replace("torch.", ""))
-def test_rbo_matches_reference(fast_backend, dtype):
-    ref_model = make_model(dtype)
-    model = copy.deepcopy(ref_model)
-    kw = dict(lr=0.05, rho=0.05, inner_steps=3, inner_lr=0.2)
-    ref_opt = sharpopt.RBO(ref_model.parameters(), backend="reference", **kw)
-    opt = sharpopt.RBO(model.parameters(), backend=fast_backend, **kw)
-    for step, (x, y) in enumerate(batches(dtype, 3)):
-        ref_opt.step(closure_for(ref_model, x, y))
-        opt.step(closure_for(model, x, y))
-        compare(step, ref_model, model, ref_opt, opt, dtype)
-        if dtype == torch.bfloat16:
-            sync(ref_model, model, ref_opt, opt)
+@pytest.mark.parametrize("algo", list(BASELESS))
+def test_baseless_matches_reference(fast_backend, algo, dtype):
+    entry, kwargs = BASELESS[algo]
+    check_matches_reference(fast_backend, entry, kwargs, None, dtype, steps=BASELESS_STEPS)
 
 
 def test_two_pass_api_matches_reference(fast_backend):
@@ -212,19 +221,16 @@ class LateBranch(torch.nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("base", ["SGD-nesterov-wd", "AdamW-amsgrad"])
-@pytest.mark.parametrize("algo", ["SAM", "ASAM", "GCSAM", "GSAM", "WSAM", "LookSAM",
-                                  "FriendlySAM"])
-def test_gradient_only_in_second_pass_is_stepped(fast_backend, algo, base):
+def check_late_gradient(backend, algo: registry.Algorithm, kwargs, base):
     """Rule: a parameter whose gradient appears only in the second pass is updated by the
     base optimizer on that gradient, as torch.optim (and ``reference``) would; the fused
     paths used to skip it."""
-    cls, kwargs = ALGORITHMS[algo]
     base_cls, base_kwargs = BASES[base]
     ref_model = LateBranch()
     model = copy.deepcopy(ref_model)
-    ref_opt = cls(ref_model.parameters(), base_cls, backend="reference", **kwargs, **base_kwargs)
-    opt = cls(model.parameters(), base_cls, backend=fast_backend, **kwargs, **base_kwargs)
+    ref_opt = algo.build(ref_model.parameters(), base_cls, backend="reference", **kwargs,
+                         **base_kwargs)
+    opt = algo.build(model.parameters(), base_cls, backend=backend, **kwargs, **base_kwargs)
     g = torch.Generator().manual_seed(3)
     for step in range(4):
         x, y = torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
@@ -238,3 +244,13 @@ def test_gradient_only_in_second_pass_is_stepped(fast_backend, algo, base):
         compare(step, ref_model, model, ref_opt, opt, torch.float32)
     assert not torch.equal(model.branch.weight, LateBranch().branch.weight), \
         "the branch was never stepped"
+
+
+LATE_BASES = ["SGD-nesterov-wd", "AdamW-amsgrad"]
+
+
+@pytest.mark.parametrize("base", LATE_BASES)
+@pytest.mark.parametrize("algo", LATE_GRADIENT)
+def test_gradient_only_in_second_pass_is_stepped(fast_backend, algo, base):
+    entry, kwargs = ALGORITHMS[algo]
+    check_late_gradient(fast_backend, entry, kwargs, base)

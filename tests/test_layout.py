@@ -46,14 +46,16 @@ def test_channels_last_trains_like_reference(fast_backend, algo, base):
     """Every algorithm on a channels_last conv net: same trajectory as the reference, the
     fused backend really ran every parameter (no fallback), and the state it created
     (saved copies, momentum, Adam moments) is channels_last too."""
-    cls, kwargs = ALGORITHMS[algo]
+    entry, kwargs = ALGORITHMS[algo]
     base_cls, base_kwargs = BASES[base]
     ref_model = cl_model()
     model = copy.deepcopy(ref_model)
     assert all(w.is_contiguous(memory_format=CL) and not w.is_contiguous()
                for w in conv_weights(model))
-    ref_opt = cls(ref_model.parameters(), base_cls, backend="reference", **kwargs, **base_kwargs)
-    opt = cls(model.parameters(), base_cls, backend=fast_backend, **kwargs, **base_kwargs)
+    ref_opt = entry.build(ref_model.parameters(), base_cls, backend="reference", **kwargs,
+                          **base_kwargs)
+    opt = entry.build(model.parameters(), base_cls, backend=fast_backend, **kwargs,
+                      **base_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)   # a fallback would warn
         for step, (x, y) in enumerate(batches(torch.float32, 4)):

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sharpopt
+from sharpopt import registry
 from conftest import FAST_BACKENDS, require_backend
 from sharpopt.schedules import Adaptive, EveryK, LatePhase, Random
 from test_backends import BASES, batches, closure_for, compare, make_model, sync
@@ -122,19 +123,15 @@ def _train(cls, kwargs, backend, dtype, steps, base="SGD-nesterov-wd"):
     return model, opt
 
 
-ALGOS = {
-    "SAM": (sharpopt.SAM, dict(rho=0.05)),
-    "ASAM": (sharpopt.ASAM, dict(rho=0.5, eta=0.01)),
-    "GCSAM": (sharpopt.GCSAM, dict(rho=0.05)),
-    "GSAM": (sharpopt.GSAM, dict(rho=0.05)),
-    "WSAM": (sharpopt.WSAM, dict(rho=0.05)),
-}
+ALGOS = {name: (algo.cls, kw) for name, (algo, kw) in
+         registry.cases(registry.SCHEDULES).items()}
 
 
 # Every algorithm and schedule in fp32; bf16 with SAM and GCSAM (the schedule's decision is
 # independent of the dtype; bf16 checks the rounding of the plain and the two-pass steps).
 CASES = ([(a, n, torch.float32) for a in ALGOS for n in SCHEDULES]
-         + [(a, n, torch.bfloat16) for a in ("SAM", "GCSAM") for n in SCHEDULES])
+         + [(a, n, torch.bfloat16) for a in registry.cases(registry.SCHEDULES_BF16)
+            for n in SCHEDULES])
 
 
 @pytest.mark.parametrize("algo,name,dtype", CASES,

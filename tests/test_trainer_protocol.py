@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sharpopt
+from sharpopt import registry
 
 
 
@@ -120,12 +121,9 @@ def test_a_wrapper_that_takes_eps_is_refused_at_definition():
 
 
 # -- closure-less completion -------------------------------------------------------------
-CASES = {
-    "SAM": (sharpopt.SAM, dict(rho=0.1)),
-    "GSAM": (sharpopt.GSAM, dict(rho=0.1, alpha=0.3)),
-    "WSAM": (sharpopt.WSAM, dict(rho=0.1)),
-    "LookSAM": (sharpopt.LookSAM, dict(rho=0.1, k=2)),
-}
+#: The registry's trainer-protocol cases: name → (class, keywords).
+CASES = {name: (algo.cls, kw) for name, (algo, kw) in
+         registry.cases(registry.TRAINER).items()}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -185,11 +183,12 @@ def scaler_step(model, opt, scaler, x, y, *, poison=None, clip=None):
     opt.zero_grad()
 
 
-@pytest.mark.parametrize("case", ["SAM", "GSAM"])
+@pytest.mark.parametrize("case", list(registry.cases(registry.TRAINER_SCALER)))
 def test_grad_scaler_step_finishes_the_step(backend, case):
     """``scaler.step(opt)`` after ``first_step`` gives the documented
     ``second_step(grad_scaler=)`` result, without the deprecated-protocol warning."""
-    cls, kw = CASES[case]
+    algo, kw = registry.cases(registry.TRAINER_SCALER)[case]
+    cls = algo.cls
     model, ref = net(), net()
     opt = cls(model.parameters(), torch.optim.SGD, backend=backend, lr=0.1, momentum=0.9, **kw)
     ref_opt = cls(ref.parameters(), torch.optim.SGD, backend=backend, lr=0.1, momentum=0.9,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import sharpopt
 from conftest import ALL_BACKENDS, assert_close, require_backend
+from sharpopt import registry
 
 
 
@@ -61,14 +62,9 @@ def scaled_sam_step(model, opt, scaler, x, y, poison=None):
 
 
 # SAM, ASAM and GCSAM fold 1/scale into the ascent; GSAM and Friendly-SAM need unscaled
-# first-pass gradients (kept for the descent, or averaged into state) and unscale them.
-SCALER_CASES = {
-    "SAM": (sharpopt.SAM, dict(rho=0.1)),
-    "ASAM": (sharpopt.ASAM, dict(rho=0.5)),
-    "GCSAM": (sharpopt.GCSAM, dict(rho=0.1)),
-    "GSAM": (sharpopt.GSAM, dict(rho=0.1, alpha=0.3)),
-    "FriendlySAM": (sharpopt.FriendlySAM, dict(rho=0.1)),
-}
+# first-pass gradients (kept for the descent, or averaged into state) and unscale them
+# (the registry's ``folds_loss_scale``).
+SCALER_CASES = registry.cases(registry.GRAD_SCALER)
 
 
 @pytest.mark.parametrize("case", list(SCALER_CASES))
@@ -77,10 +73,10 @@ def test_grad_scaler_recipe_matches_unscaled_fp32_step(backend, case):
     with the autocast gradients unscaled by hand."""
     x, y = batch()
     model, ref = net(), net()
-    cls, kw = SCALER_CASES[case]
+    algo, kw = SCALER_CASES[case]
     kw = dict(kw, lr=0.1, momentum=0.9)
-    opt = cls(model.parameters(), torch.optim.SGD, backend=backend, **kw)
-    ref_opt = cls(ref.parameters(), torch.optim.SGD, backend=backend, **kw)
+    opt = algo.build(model.parameters(), torch.optim.SGD, backend=backend, **kw)
+    ref_opt = algo.build(ref.parameters(), torch.optim.SGD, backend=backend, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     scaled_sam_step(model, opt, scaler, x, y)
 
@@ -96,14 +92,14 @@ def test_grad_scaler_recipe_matches_unscaled_fp32_step(backend, case):
     assert scaler.get_scale() == 2.0 ** 12
 
 
-@pytest.mark.parametrize("case", ["SAM", "GCSAM", "GSAM"])
+@pytest.mark.parametrize("case", list(registry.cases(registry.SCALER_FOLD)))
 def test_grad_scaler_folds_into_the_ascent_without_an_unscale_pass(case, monkeypatch):
     """Where the ascent is homogeneous in g, the first pass reads the scaled gradients
     once (the norm pass) instead of unscaling them first; the others still unscale."""
     x, y = batch()
     model = net()
-    cls, kw = SCALER_CASES[case]
-    opt = cls(model.parameters(), torch.optim.SGD, backend="foreach", lr=0.1, **kw)
+    algo, kw = registry.cases(registry.SCALER_FOLD)[case]
+    opt = algo.build(model.parameters(), torch.optim.SGD, backend="foreach", lr=0.1, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     calls = []
     unscale = torch._amp_foreach_non_finite_check_and_unscale_
@@ -113,18 +109,18 @@ def test_grad_scaler_folds_into_the_ascent_without_an_unscale_pass(case, monkeyp
         loss = F.cross_entropy(model(x).float(), y)
     scaler.scale(loss).backward()
     assert opt.first_step(zero_grad=True, grad_scaler=scaler)
-    folds = case != "GSAM"
+    folds = algo.folds_loss_scale
     assert (len(calls) == 0) == folds, f"{case}: {len(calls)} unscale passes in pass 1"
 
 
-@pytest.mark.parametrize("case", ["SAM", "GCSAM", "FriendlySAM"])
+@pytest.mark.parametrize("case", list(registry.cases(registry.SCALER_INF)))
 @pytest.mark.parametrize("poison", [1, 2], ids=["inf-in-first-pass", "inf-in-second-pass"])
 def test_grad_scaler_inf_skips_whole_step_and_lowers_scale(backend, poison, case):
     x, y = batch()
     model = net()
-    cls, kw = SCALER_CASES[case]
-    opt = cls(model.parameters(), torch.optim.SGD, backend=backend, lr=0.1, momentum=0.9,
-              **kw)
+    algo, kw = registry.cases(registry.SCALER_INF)[case]
+    opt = algo.build(model.parameters(), torch.optim.SGD, backend=backend, lr=0.1,
+                     momentum=0.9, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     scaled_sam_step(model, opt, scaler, x, y)             # state exists now
     snap = snapshot(model, opt)
@@ -218,12 +214,15 @@ def test_without_freeze_bn_stats_the_second_pass_would_count():
 
 
 # -- gradient accumulation ---------------------------------------------------------------
-@pytest.mark.parametrize("cls", [sharpopt.SAM, sharpopt.GSAM, sharpopt.WSAM])
-def test_micro_batches_give_the_large_batch_step(backend, cls):
+@pytest.mark.parametrize("case", list(registry.cases(registry.MICRO_BATCH)))
+def test_micro_batches_give_the_large_batch_step(backend, case):
+    algo, kw = registry.cases(registry.MICRO_BATCH)[case]
     x, y = batch(12)
     model, ref = net(), net()
-    opt = cls(model.parameters(), torch.optim.SGD, backend=backend, lr=0.1, momentum=0.9)
-    ref_opt = cls(ref.parameters(), torch.optim.SGD, backend=backend, lr=0.1, momentum=0.9)
+    opt = algo.build(model.parameters(), torch.optim.SGD, backend=backend, lr=0.1,
+                     momentum=0.9, **kw)
+    ref_opt = algo.build(ref.parameters(), torch.optim.SGD, backend=backend, lr=0.1,
+                         momentum=0.9, **kw)
     for _ in range(3):
         ref_opt.step(lambda: F.cross_entropy(ref(x), y).backward())
         for second in (False, True):
@@ -289,23 +288,14 @@ def test_compiled_model_trains(backend):
 
 
 # -- the optimizer step under torch.compile and CUDA graphs ------------------------------
-COMPILED_CASES = {
-    "SAM(k=2)+SGD": lambda ps, be: sharpopt.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
-                                                momentum=0.9, k=2, backend=be,
-                                                check_finite=False),
-    "ASAM+AdamW": lambda ps, be: sharpopt.ASAM(ps, torch.optim.AdamW, lr=0.01, backend=be,
-                                              check_finite=False),
-    "GCSAM+SGD": lambda ps, be: sharpopt.GCSAM(ps, torch.optim.SGD, lr=0.1, backend=be,
-                                              check_finite=False),
-    "GSAM+SGD": lambda ps, be: sharpopt.GSAM(ps, torch.optim.SGD, lr=0.1, backend=be,
-                                            check_finite=False),
-    "WSAM+SGD": lambda ps, be: sharpopt.WSAM(ps, torch.optim.SGD, lr=0.1, max_norm=0.5,
-                                            backend=be, check_finite=False),
-    "LookSAM+SGD": lambda ps, be: sharpopt.LookSAM(ps, torch.optim.SGD, lr=0.1, k=2,
-                                                  backend=be, check_finite=False),
-    "FriendlySAM+SGD": lambda ps, be: sharpopt.FriendlySAM(ps, torch.optim.SGD, lr=0.1,
-                                                          backend=be, check_finite=False),
-}
+def _compiled_case(name):
+    """The registry's ``compiled`` case as ``make(params, backend)``; ``check_finite=False``
+    so that nothing in the step reads a value back to the host."""
+    algo, kw = registry.cases(registry.COMPILED)[name]
+    return lambda ps, be: algo.build(ps, backend=be, check_finite=False, **kw)
+
+
+COMPILED_CASES = {name: _compiled_case(name) for name in registry.cases(registry.COMPILED)}
 
 
 def _two_pass(model, x, y, first, second):
@@ -559,28 +549,16 @@ class _Gained(torch.nn.Module):
         return self.body(x) * self.gain
 
 
+def _sharded_case(name):
+    """The registry's ``sharded`` case as (``make(params, backend)``, whether it needs
+    ``step(closure)``)."""
+    algo, kw = registry.cases(registry.SHARDED)[name]
+    return (lambda ps, be: algo.build(ps, backend=be, **kw)), algo.protocol == registry.CLOSURE
+
+
 # name → (optimizer factory, whether it needs step(closure)); every rule with a global
 # reduction (norm, dot, clip), row means and its own state is here.
-SHARDED_CASES = {
-    "SAM+SGD": (lambda ps, be: sharpopt.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
-                                           momentum=0.9, backend=be), False),
-    "ASAM+AdamW": (lambda ps, be: sharpopt.ASAM(ps, torch.optim.AdamW, rho=0.5, lr=0.01,
-                                               weight_decay=0.1, backend=be), False),
-    "GCSAM+SGD": (lambda ps, be: sharpopt.GCSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
-                                               momentum=0.9, backend=be), False),
-    "GSAM+SGD": (lambda ps, be: sharpopt.GSAM(ps, torch.optim.SGD, rho=0.1, alpha=0.3,
-                                             lr=0.1, backend=be), False),
-    "WSAM+SGD": (lambda ps, be: sharpopt.WSAM(ps, torch.optim.SGD, rho=0.1, max_norm=0.5,
-                                             lr=0.1, momentum=0.9, backend=be), False),
-    "LookSAM+Adam": (lambda ps, be: sharpopt.LookSAM(ps, torch.optim.Adam, rho=0.1, k=2,
-                                                    lr=0.01, backend=be), False),
-    "FriendlySAM+SGD": (lambda ps, be: sharpopt.FriendlySAM(ps, torch.optim.SGD, rho=0.1,
-                                                           lr=0.1, backend=be), False),
-    "CRSAM+SGD": (lambda ps, be: sharpopt.CRSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1,
-                                               backend=be), True),
-    "RBO": (lambda ps, be: sharpopt.RBO(ps, lr=0.05, rho=0.1, inner_steps=2,
-                                       backend=be), True),
-}
+SHARDED_CASES = {name: _sharded_case(name) for name in registry.cases(registry.SHARDED)}
 
 
 def _train_sharded_case(model, opt, xs, ys, closure_only, world, steps=3):
