@@ -40,6 +40,7 @@ class _StepState:
         self.begun = 0              # first steps entered (step(closure) sees its closure's)
         self.done_early = False     # the last first step finished (or skipped) the update
         self.late: List[Bucket] = []                      # grads that appeared in pass 2
+        self.key: Optional[List[int]] = None              # the plan key of `perturbed`
         # The non-finite guard (see SharpnessAware._guard_*): per-device flags, whether
         # this step's ascent reads the verdict from its norm, the flags handed to the
         # update, the Adam step counters advanced under a possible skip, and the report
@@ -261,6 +262,8 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
             if zero_grad:
                 self.zero_grad()
             return False
+        for b in buckets:           # the ascent reads them twice (norm, perturbation)
+            b.pinned = b.grads
         try:
             perturbed = self._ascent(buckets)
         except _SkipStep:
@@ -272,9 +275,11 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
         finally:
             self._run.inv_scale = None
             self._run.by_norm = False
+            for b in buckets:
+                b.pinned = None
         self._run.calls += 1
         if perturbed:
-            self._run.perturbed = buckets
+            self._run.perturbed, self._run.key = buckets, self._plan[0]
         else:
             self._run.done_early = True
         if zero_grad:
@@ -304,11 +309,14 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
                 "returned False: the update was already applied on that step)"
             )
         buckets = self._run.perturbed
-        if any(p.grad is None for b in buckets for p in b.sources):
+        # The same parameters have gradients as in the first pass (one look at each): no
+        # gradient went missing and none appeared.
+        same = self._grad_key() == self._run.key
+        if not same and any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
         guard = None
         try:
-            late = self._late(buckets)
+            late = [] if same else self._late(buckets)
             if amp is not None:
                 ok = self._amp_ok(buckets + late, *amp)
             elif self._guards_update(buckets + late, grad_scaler):

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from . import _plan
+from ._fused import advance_steps
 from ._plan import Bucket
 
 
@@ -193,7 +194,7 @@ class _FiniteChecks:
         (a step whose every gradient was inf/NaN thus leaves the state exactly as it was)."""
         skipped, kept = bool(values[:, 0].any()), bool(values[:, 1].any())
         if (skipped or kept) and advanced:
-            torch._foreach_sub_(advanced, 1)
+            advance_steps(advanced, -1)
         if skipped:
             raise FloatingPointError(
                 f"{type(self).__name__}: a gradient in the first pass of {which} contained "

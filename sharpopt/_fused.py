@@ -6,13 +6,37 @@ buckets of the step plan and the protocol's record of late gradients (``self._ru
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+import importlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _plan
 from ._plan import Bucket, _relaid
+
+
+_NO_EXT = object()
+_steps_ext = None
+
+
+def advance_steps(steps: List[Tensor], delta: float) -> Optional[Tuple[float, float]]:
+    """``steps += delta`` for Adam's step counters; (lowest, highest) new count when the
+    compiled cpu extension did it in one call (one-element fp32 CPU tensors, as torch.optim
+    keeps them), else None (one ``_foreach_add_``, and the caller reads the counters)."""
+    global _steps_ext
+    if _steps_ext is None:
+        try:   # only a prebuilt extension: this must never start a compilation
+            _steps_ext = importlib.import_module("sharpopt._C_cpu")
+        except ImportError:
+            _steps_ext = _NO_EXT
+    if _steps_ext is not _NO_EXT and steps:
+        try:
+            return _steps_ext.advance_steps(steps, float(delta))
+        except RuntimeError:     # some counter is not a one-element fp32 CPU tensor
+            pass
+    torch._foreach_add_(steps, delta)
+    return None
 
 
 class _FusedUpdate:
@@ -110,6 +134,35 @@ class _FusedUpdate:
         guard = self._run.guard
         return {} if guard is None else {"found_inf": guard[b.device]}
 
+    def _state_lists(self, b: Bucket, keys: Sequence[str]) -> Optional[List[list]]:
+        """The base optimizer's state entries ``keys`` of bucket ``b``'s parameters, one list
+        per key (local shards), or None while some entry is missing.
+
+        Kept with the plan, so a step does not look every parameter up again, while the
+        state dict is the same object of the same size (``load_state_dict``,
+        ``add_param_group`` and a new plan drop it; ``state.clear()`` or a replaced state
+        dict are seen). State tensors are updated in place, never replaced, by the fused
+        passes and by torch.optim; code that swaps one by hand must drop the plan
+        (``opt._plan = None``)."""
+        state = self.base_optimizer.state
+        token = (id(state), len(state))
+        derived = b.sources.derived
+        hit = derived.get(("state", *keys))
+        if hit is not None and hit[0] == token:
+            return hit[1]
+        lists = []
+        for key in keys:
+            values = []
+            for p in b.sources:
+                st = state.get(p)
+                value = None if st is None else st.get(key)
+                if value is None:
+                    return None
+                values.append(value)
+            lists.append(b.local(values))
+        derived[("state", *keys)] = (token, lists)
+        return lists
+
     def _sgd(self, b: Bucket, saved, d) -> None:
         group, state = b.group, self.base_optimizer.state
         kw = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
@@ -118,6 +171,11 @@ class _FusedUpdate:
         if group["momentum"] == 0:
             b.ops.restore_sgd(b.params, saved, d, [], init_buffers=False, **kw)
             return
+        if "momentum_buffer" in b.laid_out or not b.ops.requires_dense or b.sharded:
+            cached = self._state_lists(b, ("momentum_buffer",))
+            if cached is not None:                     # every step after the first
+                b.ops.restore_sgd(b.params, saved, d, cached[0], init_buffers=False, **kw)
+                return
         # Parameters that have no momentum buffer yet (first step, or a group added
         # later) take buf = d, as torch.optim.SGD does; the others the running average.
         states = [state[p] for p in b.sources]
@@ -157,48 +215,57 @@ class _FusedUpdate:
         b.laid_out.add(key)
         return True
 
-    def _adam_steps(self, b: Bucket) -> List[Tensor]:
+    def _adam_steps(self, b: Bucket) -> Tuple[List[Tensor], Optional[Tuple[float, float]]]:
         """The step counters of bucket ``b``'s parameters, advanced by one, after creating
         the Adam state where it is missing (zeros, as torch.optim.Adam does) and giving the
-        moments the parameters' layout once per plan (see :func:`_relaid`)."""
+        moments the parameters' layout once per plan (see :func:`_relaid`); with the
+        lowest and highest new count where :func:`advance_steps` knows them."""
         state, amsgrad = self.base_optimizer.state, b.group["amsgrad"]
-        for p in b.sources:
-            st = state[p]
-            if len(st) == 0:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if self._relayout_due(b, "adam"):
-            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+        ready = ("adam" in b.laid_out or not b.ops.requires_dense or b.sharded) and \
+            self._state_lists(b, ("step", *keys)) is not None
+        if not ready:
             for p in b.sources:
-                _relaid(state[p], keys, p)
-        steps = [state[p]["step"] for p in b.sources]
-        torch._foreach_add_(steps, 1)
+                st = state[p]
+                if len(st) == 0:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        st["max_exp_avg_sq"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format)
+            if self._relayout_due(b, "adam"):
+                for p in b.sources:
+                    _relaid(state[p], keys, p)
+        steps = self._state_lists(b, ("step", *keys))[0]
+        span = advance_steps(steps, 1)
         if self._run.guard is not None:
             self._run.advanced.extend(steps)   # taken back if the guard kept an element
-        return steps
+        return steps, span
 
     def _adam(self, b: Bucket, saved, d) -> None:
-        group, state = b.group, self.base_optimizer.state
+        group = b.group
         amsgrad = group["amsgrad"]
-        steps = self._adam_steps(b)
+        steps, span = self._adam_steps(b)
+        beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
+        kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                  weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
+                  maximize=group["maximize"], **self._guard_kw(b))
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+        lists = self._state_lists(b, keys)
+        if span is not None and span[0] == span[1]:   # one count for all: the common case
+            b.ops.restore_adam(b.params, saved, d, lists[0], lists[1],
+                               lists[2] if amsgrad else [], step=int(span[0]), **kw)
+            return
         # Step counts differ only when parameters joined at different times; the counters
         # live on the host (as torch.optim keeps them), so reading them costs no sync.
         by_step: Dict[float, List[int]] = {}
         for i, s in enumerate(steps):
             by_step.setdefault(float(s), []).append(i)
-        beta1, beta2 = group["betas"]
-        decoupled = group.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
         for step, idx in by_step.items():
-            ps = [b.sources[i] for i in idx]
             b.ops.restore_adam(
-                b.local(ps), None if saved is None else [saved[i] for i in idx],
-                [d[i] for i in idx], b.local([state[p]["exp_avg"] for p in ps]),
-                b.local([state[p]["exp_avg_sq"] for p in ps]),
-                b.local([state[p]["max_exp_avg_sq"] for p in ps]) if amsgrad else [],
-                step=int(step), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
-                maximize=group["maximize"], **self._guard_kw(b),
-            )
+                b.local([b.sources[i] for i in idx]),
+                None if saved is None else [saved[i] for i in idx], [d[i] for i in idx],
+                [lists[0][i] for i in idx], [lists[1][i] for i in idx],
+                [lists[2][i] for i in idx] if amsgrad else [], step=int(step), **kw)

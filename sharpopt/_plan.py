@@ -112,6 +112,8 @@ class Bucket:
     sharded: bool = field(init=False)
     #: State entries already given the parameters' layout for this plan (see _relaid).
     laid_out: set = field(init=False, default_factory=set)
+    #: The gradients, read once for a pass that reads them several times (see ``grads``).
+    pinned: Optional[List[Tensor]] = field(init=False, default=None)
 
     def __post_init__(self):
         if not isinstance(self.sources, _Sources):
@@ -129,6 +131,11 @@ class Bucket:
 
     @property
     def grads(self) -> List[Tensor]:
+        """``p.grad`` of every parameter (local shards), read now; or the list read at
+        the start of the current pass, where the protocol pinned it (no user code runs
+        inside a pass, so the gradient tensors cannot change there)."""
+        if self.pinned is not None:
+            return self.pinned
         return self.local([p.grad for p in self.sources])
 
     def local(self, tensors: List[Tensor]) -> List[Tensor]:
@@ -245,7 +252,7 @@ class _Core(Optimizer):
         parameter's gradient its dtype, device and shape. ``add_param_group`` and
         ``load_state_dict`` drop it. Checking costs one look at every parameter.
         """
-        key = [id(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        key = self._grad_key()
         plan = self._plan
         if plan is not None and plan[0] == key and all(b.current() for b in plan[1]):
             return plan[1]
@@ -254,6 +261,10 @@ class _Core(Optimizer):
             buckets.extend(self._buckets(group, self._with_grad(group)))
         self._plan = (key, buckets)
         return buckets
+
+    def _grad_key(self) -> List[int]:
+        """Which parameters have a gradient now, in group order (the plan's key)."""
+        return [id(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
 
     def _buffers(self, name: str, sources: Sequence[Tensor]) -> List[Tensor]:
         """Scratch tensors named ``name`` for the parameters ``sources`` (local shards for

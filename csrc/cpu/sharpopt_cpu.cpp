@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -795,6 +796,24 @@ void triad(const Tensor& a, const Tensor& b, const Tensor& c, double s) {
   });
 }
 
+// Adam's step counters (one-element fp32 CPU tensors, as torch.optim keeps them) advanced
+// by `delta` in one call instead of one op per tensor; returns (lowest, highest) new count,
+// so that the caller reads no counter when they agree (the common case).
+std::tuple<double, double> advance_steps(const std::vector<Tensor>& steps, double delta) {
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  for (const auto& t : steps) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1,
+                "sharpopt cpu: advance_steps takes one-element fp32 CPU tensors");
+  }
+  for (const auto& t : steps) {
+    float* p = t.data_ptr<float>();
+    *p = *p + float(delta);
+    lo = std::min(lo, double(*p));
+    hi = std::max(hi, double(*p));
+  }
+  return {lo, hi};
+}
+
 std::string isa() {
 #if defined(CPU_CAPABILITY_AVX512)
   return "AVX512";
@@ -811,6 +830,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sharpopt fused CPU passes (see sharpopt.backends.base for the contract)";
   m.def("isa", &isa, "vector instruction set this module was compiled for");
   m.def("triad", &triad, "a <- b + s * c (fp32), for bandwidth measurements");
+  m.def("advance_steps", &advance_steps, "Adam step counters += delta; (lowest, highest)");
   m.def("sumsq", &sumsq);
   m.def("dot", &dot);
   m.def("perturb", &perturb);
