@@ -145,11 +145,14 @@ class _FusedUpdate:
         passes and by torch.optim; code that swaps one by hand must drop the plan
         (``opt._plan = None``)."""
         state = self.base_optimizer.state
-        token = (id(state), len(state))
         derived = b.sources.derived
-        hit = derived.get(("state", *keys))
-        if hit is not None and hit[0] == token:
-            return hit[1]
+        hit = derived.pop(("state", *keys), None)
+        # The dict itself is held (not its id, which a new dict could reuse), with its size
+        # and the first entry: a cleared, replaced or refilled state is seen.
+        if hit is not None and hit[0] is state and hit[1] == len(state) and \
+                state.get(b.sources[0], {}).get(keys[0]) is hit[3]:
+            derived[("state", *keys)] = hit
+            return hit[2]
         lists = []
         for key in keys:
             values = []
@@ -160,7 +163,7 @@ class _FusedUpdate:
                     return None
                 values.append(value)
             lists.append(b.local(values))
-        derived[("state", *keys)] = (token, lists)
+        derived[("state", *keys)] = (state, len(state), lists, state[b.sources[0]][keys[0]])
         return lists
 
     def _sgd(self, b: Bucket, saved, d) -> None:

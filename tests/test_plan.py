@@ -134,3 +134,23 @@ def test_plan_follows_a_dtype_move(fast_backend):
         two_pass(model, opt, x, y)
         compare(step, ref_model, model, ref, opt, torch.float32)
     assert all(b.dtype == torch.float64 for b in opt._plan[1])
+
+
+@pytest.mark.parametrize("how", ["clear", "replace"])
+@pytest.mark.parametrize("base", list(BASES))
+def test_state_reset_mid_run_is_seen(fast_backend, base, how):
+    """The plan keeps the base optimizer's state lists while its state dict is the same
+    object of the same size: emptying it (``state.clear()``) or replacing it restarts the
+    momentum / Adam moments exactly as torch.optim does."""
+    from collections import defaultdict
+    ref_model, model, ref, opt = pair(fast_backend, base)
+    for step, (x, y) in enumerate(data(6)):
+        if step == 3:
+            for o in (ref, opt):
+                if how == "clear":
+                    o.base_optimizer.state.clear()
+                else:
+                    o.base_optimizer.state = defaultdict(dict)
+        two_pass(ref_model, ref, x, y)
+        two_pass(model, opt, x, y)
+        compare(step, ref_model, model, ref, opt, torch.float32)
