@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tables as tb
+from .elementwise import lincomb_elem
 from .tables import device_fn, block_of, load, pointer, scalar_value, store
 
 
@@ -27,12 +28,14 @@ def _lincomb_block(o_ptr, x0, x1, x2, c0, c1, c2, off, stop, NTERMS: tl.constexp
         # No arithmetic: the stored bits are the loaded bits (restore must be exact).
         store(o_ptr, lanes, load(x0, lanes, left, MASKED), left, MASKED)
     else:
-        acc = c0 * load(x0, lanes, left, MASKED).to(ACC)
+        v0 = load(x0, lanes, left, MASKED).to(ACC)
+        v1 = v0
+        v2 = v0
         if NTERMS > 1:
-            acc = acc + c1 * load(x1, lanes, left, MASKED).to(ACC)
+            v1 = load(x1, lanes, left, MASKED).to(ACC)
         if NTERMS > 2:
-            acc = acc + c2 * load(x2, lanes, left, MASKED).to(ACC)
-        store(o_ptr, lanes, acc, left, MASKED)
+            v2 = load(x2, lanes, left, MASKED).to(ACC)
+        store(o_ptr, lanes, lincomb_elem(v0, v1, v2, c0, c1, c2, NTERMS), left, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors"])

@@ -18,51 +18,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tables as tb
+from .elementwise import adam_elem, msam_back_elem, sgd_elem
 from .norm import _finish
-from .tables import (ROUND_BF16, _bf16_rne, block_of, device_fn, div, load, pointer,
-                     scalar_value, sqrt, store)
-
-
-# The update arithmetic below is restore_update.py's, operation by operation (a test holds
-# the two to the same bits); it is repeated rather than imported because the MSAM pass
-# keeps the momentum in registers for the norm.
-@device_fn
-def _sgd_math(w, g, b, lr, wd, mom, damp1, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-              INIT: tl.constexpr):
-    d = g
-    if MAXIMIZE:
-        d = -d
-    d = d + wd * w
-    if INIT:
-        b = d
-    else:
-        b = mom * b + damp1 * d
-    if NESTEROV:
-        d = d + mom * b
-    else:
-        d = b
-    return w - lr * d, b
-
-
-@device_fn
-def _adam_math(w, g, m, v, vmax, wd, decay, beta1c, beta2, beta2c, step_size, bc2_sqrt, eps,
-               DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-               ACC: tl.constexpr):
-    d = g
-    if MAXIMIZE:
-        d = -d
-    if DECOUPLED:
-        w = w * decay
-    else:
-        d = d + wd * w
-    m = m + beta1c * (d - m)
-    v = beta2 * v + beta2c * d * d
-    vv = v
-    if AMSGRAD:
-        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-        vv = vmax
-    denom = div(sqrt(vv, ACC), bc2_sqrt, ACC) + eps
-    return w - div(step_size * m, denom, ACC), m, v, vmax
+from .tables import (ROUND_BF16, _bf16_rne, block_of, device_fn, load, pointer,
+                     scalar_value, store)
 
 
 @device_fn
@@ -97,8 +56,8 @@ def _msam_sgd_block(w_ptr, g_ptr, b_ptr, off, stop, back, lr, wd, mom, damp1,
     else:
         b = load(b_ptr, lanes, left, MASKED).to(ACC)
     if HAS_BACK:
-        w = w + back * b
-    w, b = _sgd_math(w, g, b, lr, wd, mom, damp1, NESTEROV, MAXIMIZE, INIT)
+        w = msam_back_elem(w, b, back)
+    w, b = sgd_elem(w, b, g, lr, wd, mom, damp1, INIT, True, NESTEROV, MAXIMIZE)
     store(b_ptr, lanes, b, left, MASKED)
     store(w_ptr, lanes, w, left, MASKED)
     # The norm is of the stored (rounded) momentum, as the reference computes it.
@@ -155,9 +114,9 @@ def _msam_adam_block(w_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, off, stop, back, wd, 
     else:
         vmax = v
     if HAS_BACK:
-        w = w + back * m
-    w, m, v, vmax = _adam_math(w, g, m, v, vmax, wd, decay, beta1c, beta2, beta2c, step_size,
-                               bc2_sqrt, eps, DECOUPLED, AMSGRAD, MAXIMIZE, ACC)
+        w = msam_back_elem(w, m, back)
+    w, m, v, vmax = adam_elem(w, m, v, vmax, g, wd, decay, beta1c, beta2, beta2c, step_size,
+                              bc2_sqrt, eps, DECOUPLED, AMSGRAD, MAXIMIZE, ACC)
     store(m_ptr, lanes, m, left, MASKED)
     store(v_ptr, lanes, v, left, MASKED)
     if AMSGRAD:

@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tables as tb
+from .elementwise import weighted_dev
 from .tables import device_fn, address, block_of, div, load, pointer
 
 # Modes of the flat reduction: what one element contributes.
@@ -35,7 +36,7 @@ def _flat_terms(x_ptr, y_ptr, off, stop, eta, MODE: tl.constexpr, ACC: tl.conste
         v = x * load(y_ptr, lanes, left, MASKED).to(ACC)
     else:
         if MODE == 1:
-            x = x * (tl.abs(load(y_ptr, lanes, left, MASKED).to(ACC)) + eta)
+            x = weighted_dev(load(y_ptr, lanes, left, MASKED).to(ACC), x, 0.0, eta, True)
         v = x * x
     return v
 

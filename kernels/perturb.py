@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tables as tb
+from .elementwise import perturb_elem
 from .tables import device_fn, address, block_of, load, pointer, scalar_value, store
 
 
@@ -51,13 +52,12 @@ def _perturb_block(w_ptr, g_ptr, s_ptr, means, off, stop, ncols, scale, eta, ski
         else:
             mu = tl.load(mp + q)
         d = d - mu.to(ACC)
-    if ADAPTIVE:
-        t = tl.abs(s) + eta
-        d = d * t * t
-    e = scale * d
+    # The row mean is subtracted above, where the tensor has one (a runtime choice), so
+    # perturb_elem's own mu is 0 (g - 0 is g, bit for bit).
+    w = perturb_elem(s, d, 0.0, scale, eta, ADAPTIVE)
     if skip is not None:
-        e = tl.where(skip != 0, 0.0, e)   # not 0 * d: d may be inf
-    store(w_ptr, lanes, s + e, left, MASKED)
+        w = tl.where(skip != 0, s, w)     # e = 0 exactly (not 0 * d: d may be inf)
+    store(w_ptr, lanes, w, left, MASKED)
 
 
 @triton.jit(do_not_specialize=["ntensors"])

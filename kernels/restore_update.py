@@ -12,6 +12,13 @@ With the non-finite guard's flag (``found_inf``, see ``Ops.restore_sgd``) each e
 whose gradient ``d`` is inf or NaN (``d - d != 0``) keeps its weight and state, and the
 kernel sets ``flag[1]``; ``flag[0] != 0`` keeps every element (the step is skipped). The
 guard is a compile-time variant (``flag`` None or not), so the unguarded kernel is unchanged.
+
+The arithmetic is ``sgd_elem`` / ``adam_elem`` of ``kernels/elementwise.py`` (the names of
+``csrc/sharpopt_math.h``), written out here operation by operation so that each result is
+stored before the next operand is loaded: calling them, which loads every operand first,
+raised the registers of the Adam kernel by a quarter to a half (fp64 to 244) and made a
+guarded fp64 SGD variant spill (``python -m bench.ptx_check``). A test holds the two
+forms to the same bits (the MSAM kernels call the functions).
 """
 from __future__ import annotations
 
