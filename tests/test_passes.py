@@ -237,7 +237,8 @@ def assert_lists(ours, ref, what, tol=None, backend=None):
             assert o is None, f"{where}: expected None"
             continue
         if tol == "bits":
-            assert o.shape == r.shape and o.dtype == r.dtype, f"{where}: got {o.dtype}{tuple(o.shape)}"
+            assert o.shape == r.shape and o.dtype == r.dtype, \
+                f"{where}: got {o.dtype}{tuple(o.shape)}"
             bad = (_bits(o) != _bits(r)).nonzero()
             assert bad.numel() == 0, (
                 f"{where}: {bad.shape[0]} of {r.numel()} elements differ bitwise, first at "
