@@ -233,14 +233,16 @@ def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False) -
             if t.device != device or not (t.is_contiguous() and (
                     like.is_contiguous() or t.shape != like.shape)) and not (
                     is_dense(t) and same_layout(t, like)):
-                raise ValueError("sharpopt triton backend: every tensor of a pass must be on "
-                                 f"{device}, dense and laid out like its parameter (strides "
+                raise ValueError(f"sharpopt triton backend: tensor {i} of a pass: every tensor "
+                                 f"must be on {device}, dense and laid out like its parameter "
+                                 "(strides "
                                  f"{tuple(t.stride())} against {tuple(like.stride())})")
     if kind == "rows" or rows_view:
-        for t in first:        # a row is reduced (or centred) as one block of memory
+        for i, t in enumerate(first):     # a row is reduced (or centred) as one block
             if not rows_are_blocks(t):
-                raise ValueError("sharpopt triton backend: gradient centralisation needs each "
-                                 f"row in one block of memory (strides {tuple(t.stride())})")
+                raise ValueError(f"sharpopt triton backend: tensor {i}: gradient "
+                                 "centralisation needs each row in one block of memory "
+                                 f"(strides {tuple(t.stride())})")
     # units: (tensor index, ncols, nrows, group, starts) -- group separates launches. Every
     # plan records the (nrows, ncols) view, which perturb needs to find an element's row.
     units = []

@@ -9,7 +9,8 @@
    default extensions directory. It prints one line to stderr when it compiles; later runs
    load the cached build.
 
-A build that fails raises :class:`~sharpopt.backends.BackendUnavailable` with the tail of
+A build that fails raises :class:`~sharpopt._errors.BackendUnavailable` (also exported as
+``sharpopt.BackendUnavailable`` and ``sharpopt.backends.BackendUnavailable``) with the tail of
 the compiler's output. Nothing here runs at ``import sharpopt``: the backends call it on
 first use.
 
@@ -98,7 +99,8 @@ def ld_flags(kind: str) -> List[str]:
 
 
 def _unavailable(msg: str) -> Exception:
-    from .backends import BackendUnavailable
+    # Imported here, not at the top: setup.py loads this file by path, outside the package.
+    from ._errors import BackendUnavailable
 
     return BackendUnavailable(msg)
 

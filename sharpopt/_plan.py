@@ -15,8 +15,11 @@ process holding the whole model.
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import is_forced, resolve
+from .backends import BackendUnavailable, is_forced, resolve
 from .backends.base import Ops, is_dense, layout_problem, same_layout
 
 try:
@@ -146,6 +149,88 @@ class Bucket:
         return Bucket(self.ops, sources, self.group, self.reduce_over)
 
 
+def describe_param(param_groups: Sequence[dict], p: Tensor) -> str:
+    """How an error names parameter ``p``: its name where the optimizer was built from
+    ``model.named_parameters()`` (torch keeps them as a group's ``"param_names"``), else its
+    group and index in the optimizer, and its shape."""
+    shape = tuple(p.shape)
+    for g, group in enumerate(param_groups):
+        for i, q in enumerate(group["params"]):
+            if q is p:
+                names = group.get("param_names")
+                if names:
+                    return f"parameter {names[i]!r} (shape {shape})"
+                return f"group {g}, parameter {i}, shape {shape}"
+    return f"a parameter of shape {shape}"
+
+
+# Where a backend's message points at one entry of its lists: "grads[3]", "xs[k][3]",
+# "tensor 3" (the C++ checks and the Triton tables name entries that way).
+_ENTRY = re.compile(r"\[(\d+)\]|\btensor (\d+)\b")
+
+
+class _Reporting:
+    """A backend whose refusals name the user's parameter.
+
+    Every attribute is the backend's own; a pass is called straight through (one frame and
+    a ``try``, no work per tensor). Only when a pass raises is the failing entry of its
+    lists (the index its message names, or the only entry) traced back to the parameter it
+    belongs to - the parameter itself, its gradient, local shard, optimizer state or a
+    scratch buffer - and the error re-raised with that parameter's name, as the same
+    exception type, chained to the original.
+    """
+
+    def __init__(self, ops: Ops, owner: "_Core"):
+        self._ops = ops
+        self._owner = weakref.ref(owner)
+
+    def __repr__(self) -> str:
+        return repr(self._ops)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._ops, name)
+        if callable(attr) and not name.startswith("_") and name != "supports":
+            fn = attr
+
+            @functools.wraps(fn)
+            def attr(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    named = self._named(exc, args, kwargs)
+                    if named is None:
+                        raise
+                    raise named from exc
+        self.__dict__[name] = attr        # later lookups skip __getattr__
+        return attr
+
+    def _named(self, exc: Exception, args: tuple, kwargs: dict) -> Optional[Exception]:
+        owner = self._owner()
+        if owner is None:
+            return None
+        message = str(exc)
+        lists = [a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple))]
+        lists += [x for a in lists for x in a if isinstance(x, (list, tuple))]   # lincomb's xs
+        lists = [a for a in lists if a and all(t is None or isinstance(t, Tensor) for t in a)]
+        match = _ENTRY.search(message.split("\n", 1)[0])
+        if match is not None:
+            index = int(match.group(1) or match.group(2))
+        elif lists and all(len(a) == 1 for a in lists):
+            index = 0
+        else:
+            return None
+        for a in lists:
+            if index < len(a) and a[index] is not None:
+                p = owner._param_of(a[index])
+                if p is not None:
+                    where = describe_param(owner.param_groups, p)
+                    try:
+                        return type(exc)(f"{message} (entry {index} of the lists: {where})")
+                    except Exception:     # an exception type built from other arguments
+                        return None
+        return None
+
+
 def _check_positive(name: str, value, allow_zero: bool = True) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a real number, got {value!r}")
@@ -163,6 +248,7 @@ class _Core(Optimizer):
         self.perturb_eps = float(perturb_eps)
         self._requested_backend = backend
         self._ops: Dict[torch.device, Ops] = {}
+        self._fallbacks: Dict[torch.device, Ops] = {}    # foreach, for layouts ops refuses
         # Scratch buffers keyed by name, then by parameter. They hold values only between
         # the passes of one step, so they are not part of state_dict().
         self._scratch: Dict[str, Dict[Tensor, Tensor]] = {}
@@ -172,7 +258,7 @@ class _Core(Optimizer):
         first = next((p for g in self.param_groups for p in g["params"]), None)
         # Resolve now so a bad or unavailable backend fails at construction, not mid-training.
         self._primary = first.device if first is not None else torch.device("cpu")
-        self._ops_for(self._primary)
+        self._ops_for(self._primary, first)
 
     # -- backend -----------------------------------------------------------------------
     @property
@@ -181,11 +267,38 @@ class _Core(Optimizer):
         names = sorted({ops.name for ops in self._ops.values()})
         return names[0] if len(names) == 1 else "+".join(names)
 
-    def _ops_for(self, device: torch.device) -> Ops:
+    def _ops_for(self, device: torch.device, param: Optional[Tensor] = None) -> Ops:
+        """The backend for tensors on ``device``; when it cannot run there, the error names
+        ``param`` (the parameter that needs it)."""
         ops = self._ops.get(device)
         if ops is None:
-            ops = self._ops[device] = resolve(self._requested_backend, device)
+            try:
+                ops = resolve(self._requested_backend, device)
+            except BackendUnavailable as exc:
+                if param is None:
+                    raise
+                raise BackendUnavailable(f"{exc} (needed for {self._describe(param)})") from exc
+            ops = self._ops[device] = _Reporting(ops, self)
         return ops
+
+    def _param_of(self, t: Tensor) -> Optional[Tensor]:
+        """The parameter that tensor ``t`` (a list entry of a pass) belongs to: the
+        parameter, its gradient, its local shard, an optimizer state entry or a scratch
+        buffer. Only called to explain an error."""
+        states = [self.state, getattr(getattr(self, "base_optimizer", None), "state", {})]
+        for group in self.param_groups:
+            for p in group["params"]:
+                owned = [p, _local(p), p.grad, _local(p.grad)]
+                owned += [store.get(p) for store in self._scratch.values()]
+                for state in states:
+                    entries = state.get(p, {}) if hasattr(state, "get") else {}
+                    owned += [_local(v) for v in entries.values() if isinstance(v, Tensor)]
+                if any(x is t for x in owned):
+                    return p
+        return None
+
+    def _describe(self, p: Tensor) -> str:
+        return describe_param(self.param_groups, p)
 
     # -- gathering -----------------------------------------------------------------------
     def _with_grad(self, group: dict) -> List[Tensor]:
@@ -197,13 +310,13 @@ class _Core(Optimizer):
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients "
-                    f"(parameter of shape {tuple(p.shape)}); use a dense embedding or "
+                    f"({self._describe(p)}); use a dense embedding or "
                     "torch.optim.SparseAdam without SAM"
                 )
             if torch.is_complex(p) or torch.is_complex(g):
                 raise RuntimeError(
                     f"{type(self).__name__} does not support complex parameters or "
-                    f"gradients (shape {tuple(p.shape)}); view them as real pairs first"
+                    f"gradients ({self._describe(p)}); view them as real pairs first"
                 )
             params.append(p)
         return params
@@ -212,7 +325,7 @@ class _Core(Optimizer):
         by_key: Dict[tuple, List[Tensor]] = {}
         rows = getattr(self, "_centralize_direction", False)
         for p in params:
-            ops = self._ops_for(p.device)
+            ops = self._ops_for(p.device, p)
             if ops.requires_dense:
                 problem = layout_problem(_local(p), _local(p.grad), rows=rows)
                 if problem is not None:
@@ -226,7 +339,7 @@ class _Core(Optimizer):
     def _layout_fallback(self, ops: Ops, p: Tensor, problem: str) -> Ops:
         """The backend for a parameter whose memory layout ``ops`` cannot index: an error
         when the backend was asked for by name, else ``foreach`` (said once)."""
-        where = f"a parameter of shape {tuple(p.shape)} and strides {tuple(_local(p).stride())}"
+        where = f"{self._describe(p)} with strides {tuple(_local(p).stride())}"
         if is_forced(self._requested_backend):
             raise ValueError(
                 f"backend {ops.name!r} cannot run {where}: {problem}. Make it dense "
@@ -240,7 +353,11 @@ class _Core(Optimizer):
                 f"{ops.name!r} ({problem}); the other parameters keep {ops.name!r}",
                 RuntimeWarning, stacklevel=4,
             )
-        return resolve("foreach", p.device)
+        fallback = self._fallbacks.get(p.device)
+        if fallback is None:
+            fallback = self._fallbacks[p.device] = _Reporting(
+                resolve("foreach", p.device), self)
+        return fallback
 
     def _gather(self) -> List[Bucket]:
         """Buckets of the parameters that have a gradient now, over all groups.

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from sharpopt.backends import BACKENDS, BackendUnavailable, _load  # noqa: E402
+from tolerances import TRAJECTORY  # noqa: E402
 
 FAST_BACKENDS = [n for n in BACKENDS if n != "reference"]
 _only = os.environ.get("SHARPOPT_TEST_BACKENDS")
@@ -28,16 +29,8 @@ if _only:
 REQUIRED = {n.strip() for n in os.environ.get("SHARPOPT_REQUIRE_BACKENDS", "").split(",")
             if n.strip()}
 
-# Elementwise tolerances (rtol, atol) per dtype, for whole multi-step trajectories.
-# fp32/fp64: only summation order differs from the reference. bf16: each stored value is
-# rounded to 8 bits of mantissa, and the backends round at different points (foreach
-# after every op, the fused kernels once), so a few ulps of bf16 (2^-8 each) apart.
-TOL = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-5, 2e-6),
-    torch.bfloat16: (3e-2, 1e-2),
-    torch.float16: (5e-3, 1e-3),
-}
+# Elementwise tolerances for whole multi-step trajectories: tests/tolerances.py says why.
+TOL = TRAJECTORY
 
 
 def require_backend(name: str, device: torch.device = torch.device("cpu")):

@@ -9,11 +9,10 @@ from hypothesis import strategies as st
 
 from sharpopt.backends import reference
 from conftest import require_backend
+from test_passes import assert_reduction, dot_scale
+from tolerances import DOT_OF_RESULT, ROW_MEANS, pass_tol
 
 REF = reference.load()
-# Per-pass tolerance (rtol, atol) per dtype: one rounding of the stored value apart.
-TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-14),
-       torch.bfloat16: (1.6e-2, 1e-3)}
 
 shapes = st.lists(
     st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4)
@@ -32,8 +31,8 @@ def clone(ts):
     return [t.clone() for t in ts]
 
 
-def close(actual, expected, dtype, what):
-    rtol, atol = TOL[dtype]
+def close(actual, expected, dtype, what, backend):
+    rtol, atol = pass_tol(dtype, backend)
     for i, (a, e) in enumerate(zip(actual, expected)):
         torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol,
                                    msg=lambda m: f"{what}, tensor {i} {tuple(e.shape)}: {m}")
@@ -57,11 +56,11 @@ def test_sumsq_and_perturb_match_reference(ops, shape_list, dtype, seed, adaptiv
     m_ref, m_ops = means(), means()
     s_ref = REF.sumsq(g, w, adaptive=adaptive, eta=eta, centralize=centralize, row_means=m_ref)
     s_ops = ops.sumsq(g, w, adaptive=adaptive, eta=eta, centralize=centralize, row_means=m_ops)
-    rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(s_ops.double().cpu(), s_ref.double(), rtol=rtol, atol=1e-12)
+    assert_reduction(s_ops, s_ref, s_ref.item(), dtype, "sumsq", ops.name)
     for a, b, t in zip(m_ops, m_ref, w):
         if a is not None and t.numel():
-            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7)
+            rtol, atol = ROW_MEANS[dtype]
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     w_ref, w_ops = clone(w), clone(w)
     saved_ref, saved_ops = [torch.empty_like(t) for t in w], [torch.empty_like(t) for t in w]
     kw = dict(adaptive=adaptive, eta=eta)
@@ -69,7 +68,7 @@ def test_sumsq_and_perturb_match_reference(ops, shape_list, dtype, seed, adaptiv
     ops.perturb(w_ops, g, saved_ops, scale, row_means=m_ref if centralize else None, **kw)
     for a, b in zip(saved_ops, w):
         assert torch.equal(a, b), "perturb must save w bit for bit"
-    close(w_ops, w_ref, dtype, "perturb")
+    close(w_ops, w_ref, dtype, "perturb", ops.name)
 
 
 @SETTINGS
@@ -78,8 +77,9 @@ def test_sumsq_and_perturb_match_reference(ops, shape_list, dtype, seed, adaptiv
 def test_lincomb_and_dot_match_reference(ops, shape_list, dtype, seed, coefs, alias):
     xs = [tensors(shape_list, dtype, seed + k) for k in range(len(coefs))]
     d_ref, d_ops = REF.dot(xs[0], xs[-1]), ops.dot(xs[0], xs[-1])
-    torch.testing.assert_close(d_ops.double().cpu(), d_ref.double(),
-                               rtol=1e-10 if dtype == torch.float64 else 1e-5, atol=1e-6)
+    assert_reduction(d_ops, d_ref, dot_scale(xs[0], xs[-1]), dtype, "dot", ops.name)
+    rtol, atol = DOT_OF_RESULT[dtype]
+    torch.testing.assert_close(d_ops.double().cpu(), d_ref.double(), rtol=rtol, atol=atol)
     if alias:     # out is the first input, as the optimizers use it
         out_ref, out_ops = clone(xs[0]), clone(xs[0])
         REF.lincomb(out_ref, [out_ref, *xs[1:]], coefs)
@@ -89,7 +89,7 @@ def test_lincomb_and_dot_match_reference(ops, shape_list, dtype, seed, coefs, al
         out_ops = [torch.empty_like(t) for t in xs[0]]
         REF.lincomb(out_ref, xs, coefs)
         ops.lincomb(out_ops, xs, coefs)
-    close(out_ops, out_ref, dtype, f"lincomb {coefs}")
+    close(out_ops, out_ref, dtype, f"lincomb {coefs}", ops.name)
 
 
 @SETTINGS
@@ -110,8 +110,8 @@ def test_restore_sgd_matches_reference(ops, shape_list, dtype, seed, momentum, d
                          dampening=dampening, nesterov=nesterov, maximize=maximize,
                          init_buffers=init)
         results.append((p, b))
-    close(results[1][0], results[0][0], dtype, "restore_sgd params")
-    close(results[1][1], results[0][1], dtype, "restore_sgd momentum_buffer")
+    close(results[1][0], results[0][0], dtype, "restore_sgd params", ops.name)
+    close(results[1][1], results[0][1], dtype, "restore_sgd momentum_buffer", ops.name)
 
 
 @SETTINGS
@@ -132,4 +132,4 @@ def test_restore_adam_matches_reference(ops, shape_list, dtype, seed, step, amsg
                           decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
         results.append((p, mm, vv, vx))
     for i, name in enumerate(("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")):
-        close(results[1][i], results[0][i], dtype, f"restore_adam {name}")
+        close(results[1][i], results[0][i], dtype, f"restore_adam {name}", ops.name)

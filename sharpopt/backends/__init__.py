@@ -23,6 +23,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .._errors import BackendUnavailable
 from .base import Ops
 
 __all__ = ["BackendUnavailable", "resolve", "is_forced", "available_backends", "BACKENDS",
@@ -30,10 +31,6 @@ __all__ = ["BackendUnavailable", "resolve", "is_forced", "available_backends", "
 
 ENV_VAR = "SHARPOPT_BACKEND"
 log = logging.getLogger("sharpopt")
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that was asked for by name cannot run here; the message says why."""
 
 
 # name -> module path (relative to this package) exposing ``load() -> Ops``; ``load``

@@ -72,7 +72,7 @@ class ForeachOps(Ops):
             grads, params = [g.float() for g in grads], [w.float() for w in params]
         # grads are fp32 or fp64 here whenever means are needed (low precision was upcast)
         need_means = centralize or row_means is not None
-        means = [g.mean(dim=centralize_dims(g)) if need_means and g.dim() > 1 and g.numel()
+        means = [g.mean(dim=centralize_dims(g)) if need_means and g.dim() > 1
                  else None for g in grads]
         if row_means is not None:
             for m_out, m in zip(row_means, means):
