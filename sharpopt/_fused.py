@@ -16,6 +16,8 @@ from . import _plan
 from ._plan import Bucket, _relaid
 
 
+#: The base optimizers whose update the fused backends merge with the restore.
+_FUSED_KIND = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 _NO_EXT = object()
 _steps_ext = None
 
@@ -43,13 +45,12 @@ class _FusedUpdate:
     """``_restore_and_update`` and the fused SGD / Adam paths behind it."""
 
     def _fusable(self) -> Optional[str]:
-        """'sgd' or 'adam' when the base optimizer's update can be merged, else None."""
-        base = self.base_optimizer
-        kind = None
-        if type(base) is torch.optim.SGD:
-            kind = "sgd"
-        elif type(base) in (torch.optim.Adam, torch.optim.AdamW):
-            kind = "adam"
+        """'sgd' or 'adam' when the base optimizer's update can be merged, else None. The
+        base optimizer's class is looked up once; the groups' options (which a user or a
+        scheduler may change between steps) are read every step, a few per group."""
+        kind = self.__dict__.get("_fused_kind", False)
+        if kind is False:
+            kind = self._fused_kind = _FUSED_KIND.get(type(self.base_optimizer))
         if kind is None:
             return None
         for group in self.param_groups:

@@ -313,7 +313,7 @@ class MSAM(SharpnessAware):
     def _fused_adam(self, b: Bucket) -> List[Tensor]:
         group, state = b.group, self.base_optimizer.state
         amsgrad = group["amsgrad"]
-        steps = self._adam_steps(b)
+        steps, _ = self._adam_steps(b)
         beta1, beta2 = group["betas"]
         decoupled = group.get("decoupled_weight_decay",
                               type(self.base_optimizer) is torch.optim.AdamW)
