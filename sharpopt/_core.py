@@ -47,6 +47,7 @@ class _StepState:
         # of a guarded CUDA step not read yet (host copy, event, counters).
         self.flags: Dict[torch.device, Tensor] = {}
         self.flags_fresh = False    # zeroed for this step already
+        self.clean = False          # the flags were read on the host and found zero
         self.reported = True        # this step's flags were read or handed on
         self.by_norm = False
         self.armed = False          # flags[0] may say "skip" (set on the device in pass 1)
@@ -451,6 +452,7 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
     def _abort(self) -> None:
         """Put the weights back when a step cannot finish (the training state is unchanged)."""
         self._run.armed, self._run.reported, self._run.flags_fresh = False, True, False
+        self._run.clean = False     # a pass that stopped part-way may have set a flag
         if self._run.perturbed is not None:
             buckets, self._run.perturbed = self._run.perturbed, None
             for b in buckets:

@@ -19,6 +19,7 @@ The mixin reads the protocol's record ``self._run`` (``_core._StepState``).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -104,19 +105,19 @@ class _FiniteChecks:
     # the device (no synchronisation) and the error is raised by the next first_step()
     # once a copy of them has arrived.
     def _guard_flags(self, buckets: List[Bucket]) -> Dict[torch.device, Tensor]:
-        """The per-device flags ``[skip, found]`` of this step, zeroed at its first use."""
+        """The per-device flags ``[skip, found]`` of this step, zeroed at its first use
+        (unless the last step read them on the host and found them zero)."""
         flags = self._run.flags
         fresh = self._run.flags_fresh
         self._run.reported = False
         for b in buckets:
             if b.device not in flags:
                 flags[b.device] = torch.zeros(2, dtype=torch.float32, device=b.device)
-            elif not fresh:
-                flags[b.device].zero_()
         if not fresh:
-            for device, f in flags.items():
-                if not any(b.device == device for b in buckets):
+            if not self._run.clean:
+                for f in flags.values():
                     f.zero_()
+            self._run.clean = False
         self._run.flags_fresh = True
         return flags
 
@@ -131,7 +132,7 @@ class _FiniteChecks:
         if _reads_now([norm.device]) or not all(b.ops.guards_nonfinite for b in buckets):
             if _plan._capturing():
                 raise RuntimeError(self._capture_message())
-            if not bool(torch.isfinite(norm)):
+            if not math.isfinite(norm.item()):
                 raise FloatingPointError(self._nonfinite_message("the first pass"))
             return None
         flags = self._guard_flags(buckets)
@@ -159,10 +160,11 @@ class _FiniteChecks:
         self._run.reported = True
         advanced, self._run.advanced = self._run.advanced, []
         if _reads_now(list(flags)):
-            values = torch.stack(list(flags.values()))
-            if bool(values.any()):
+            rows = [f.tolist() for f in flags.values()]
+            self._run.clean = not any(x != 0 for row in rows for x in row)
+            if not self._run.clean:
                 self._nonfinite_steps += 1
-            self._guard_raise(values, advanced, "this step")
+            self._guard_raise(rows, advanced, "this step")
             return
         for device, f in flags.items():   # device ops only: a captured step counts too
             count = self._run.counts.get(device)
@@ -186,13 +188,14 @@ class _FiniteChecks:
         if pending is None or _plan._capturing() or not pending[1].query():
             return
         self._run.pending = None
-        self._guard_raise(pending[0], pending[2], "the previous step")
+        self._guard_raise(pending[0].tolist(), pending[2], "the previous step")
 
-    def _guard_raise(self, values: Tensor, advanced: List[Tensor], which: str) -> None:
-        """FloatingPointError when the flags ``values`` (one row per device) say so. A step
-        that kept any element does not count for Adam: its step counters go back by one
-        (a step whose every gradient was inf/NaN thus leaves the state exactly as it was)."""
-        skipped, kept = bool(values[:, 0].any()), bool(values[:, 1].any())
+    def _guard_raise(self, rows: List[List[float]], advanced: List[Tensor], which: str) -> None:
+        """FloatingPointError when the flags ``rows`` (``[skip, found]`` per device) say so.
+        A step that kept any element does not count for Adam: its step counters go back by
+        one (a step whose every gradient was inf/NaN thus leaves the state as it was)."""
+        skipped = any(row[0] != 0 for row in rows)
+        kept = any(row[1] != 0 for row in rows)
         if (skipped or kept) and advanced:
             advance_steps(advanced, -1)
         if skipped:
