@@ -11,7 +11,9 @@
 #     argument or an array was demoted to local memory);
 #   - a kernel's parameters (summed from its PTX .entry, with alignment) exceed 4096 bytes,
 #     the kernel-argument limit before CUDA 12.1;
-#   - .ci/cuda_plan_test.cu (the launch tables' host code, run on the CPU) fails.
+#   - .ci/cuda_plan_test.cu (the launch tables' host code, run on the CPU) fails;
+#   - the torch-side binding csrc/cuda/sharpopt_cuda.cpp does not compile (syntax and types
+#     only, against the installed torch's headers; skipped when they lack c10/cuda).
 # It prints registers, stack, spills and parameter bytes of every kernel. Skips (exit 0,
 # with a message) when no nvcc is found on PATH or under /usr/local/cuda*/bin.
 set -euo pipefail
@@ -170,5 +172,42 @@ else
   cat "$out/plan_test.log"
   echo "nvcc_check: FAILED  .ci/cuda_plan_test.cu does not compile"
   status=1
+fi
+
+# The torch-side binding (csrc/cuda/sharpopt_cuda.cpp) cannot be built against a CPU-only
+# torch, but it can be compiled for syntax and types: torch's headers ship c10/cuda, only
+# the build-generated c10/cuda/impl/cuda_cmake_macros.h is missing (an empty stand-in
+# here), and the CUDA runtime headers come with nvcc.
+cuda_inc=""
+for cand in "$(dirname "$(dirname "$(readlink -f "$nvcc_bin")")")/include" \
+    /usr/local/cuda/include /usr/local/cuda-*/include; do
+  if [[ -f "$cand/cuda_runtime.h" ]]; then cuda_inc="$cand"; fi
+done
+if mapfile -t inc < <(python3 -c '
+import os, sys, sysconfig
+try:
+    import torch
+except ImportError:
+    sys.exit(1)
+base = os.path.join(os.path.dirname(torch.__file__), "include")
+if not os.path.isdir(os.path.join(base, "c10", "cuda")):
+    sys.exit(1)
+print(base)
+print(os.path.join(base, "torch", "csrc", "api", "include"))
+print(sysconfig.get_paths()["include"])
+') && [[ ${#inc[@]} -eq 3 && -n "$cuda_inc" ]]; then
+  mkdir -p "$out/stub/c10/cuda/impl"
+  echo "#pragma once" > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  if g++ -std=c++17 -fsyntax-only -I"$out/stub" -I"${inc[0]}" -I"${inc[1]}" -I"${inc[2]}" \
+      -I"$cuda_inc" -Icsrc -DTORCH_EXTENSION_NAME=_C_cuda csrc/cuda/sharpopt_cuda.cpp \
+      >"$out/binding.log" 2>&1; then
+    echo "nvcc_check: ok      csrc/cuda/sharpopt_cuda.cpp (syntax and types, CPU torch headers)"
+  else
+    grep -E "error" "$out/binding.log" | head -20
+    echo "nvcc_check: FAILED  csrc/cuda/sharpopt_cuda.cpp does not compile"
+    status=1
+  fi
+else
+  echo "nvcc_check: SKIPPED csrc/cuda/sharpopt_cuda.cpp (no torch with c10/cuda headers, or no CUDA headers)"
 fi
 exit $status

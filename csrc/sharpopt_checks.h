@@ -8,6 +8,9 @@
 #include <ATen/ATen.h>
 
 #include <cstddef>
+#include <limits>
+#include <optional>
+#include <vector>
 
 namespace sharpopt {
 
@@ -37,6 +40,43 @@ inline void check_rows(const at::Tensor& g, const char* backend, size_t i) {
               "sharpopt ", backend,
               ": row centralisation of tensor ", i, " needs each row in one block of memory ",
               "(strides ", g.strides(), ")");
+}
+
+// One operand list of a pass: as many tensors as `like` (the parameters), each on the
+// parameters' device (of type `type`), of their dtype, dense and laid out like its
+// parameter, with its number of elements. Messages name the list and the entry index,
+// which the Python side turns into the user's parameter.
+inline void check_list(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>& like,
+                       const char* backend, at::DeviceType type, const char* what) {
+  TORCH_CHECK(ts.size() == like.size(), "sharpopt ", backend, ": ", what, " has ", ts.size(),
+              " tensors, expected ", like.size());
+  TORCH_CHECK(ts.size() < size_t(std::numeric_limits<int>::max()), "sharpopt ", backend,
+              ": list too long");
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    TORCH_CHECK(t.defined() && t.device().type() == type && t.device() == like[0].device(),
+                "sharpopt ", backend, ": ", what, "[", i, "] must be on ",
+                like[0].device().type() == type ? like[0].device() : at::Device(type),
+                t.defined() ? "" : " (got an undefined tensor)");
+    TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt ", backend, ": ", what,
+                "[", i, "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
+    check_layout(t, like[i], backend, what, i);
+    TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt ", backend, ": ", what, "[", i,
+                "] has ", t.numel(), " elements, expected ", like[i].numel());
+  }
+}
+
+// The non-finite guard's flag (Ops.restore_sgd's found_inf): two contiguous fp32 values on
+// the parameters' device, or null when the pass is not guarded.
+inline float* found_inf_ptr(const std::optional<at::Tensor>& found_inf, const at::Tensor& like,
+                            const char* backend) {
+  if (!found_inf.has_value() || !found_inf->defined()) return nullptr;
+  const at::Tensor& f = *found_inf;
+  TORCH_CHECK(f.device() == like.device() && f.scalar_type() == at::kFloat && f.numel() == 2 &&
+                  f.is_contiguous(),
+              "sharpopt ", backend, ": found_inf must be a contiguous fp32 tensor of 2 ",
+              "elements on ", like.device());
+  return f.data_ptr<float>();
 }
 
 }  // namespace sharpopt

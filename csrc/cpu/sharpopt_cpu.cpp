@@ -260,18 +260,7 @@ void for_units(const std::vector<Unit>& units, const Fn& fn) {
 // as long as they are laid out the same way.
 // ---------------------------------------------------------------------------------
 void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, const char* what) {
-  TORCH_CHECK(ts.size() == like.size(), "sharpopt cpu: ", what, " has ", ts.size(),
-              " tensors, expected ", like.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const Tensor& t = ts[i];
-    TORCH_CHECK(t.defined() && t.device().is_cpu(), "sharpopt cpu: ", what, "[", i,
-                "] must be a CPU tensor");
-    TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt cpu: ", what, "[", i,
-                "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
-    sharpopt::check_layout(t, like[i], "cpu", what, i);
-    TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt cpu: ", what, "[", i, "] has ",
-                t.numel(), " elements, expected ", like[i].numel());
-  }
+  sharpopt::check_list(ts, like, "cpu", at::kCPU, what);
 }
 
 void check_dtype(const std::vector<Tensor>& ts) {
@@ -406,15 +395,9 @@ double scalar_value(double value, const OptTensor& t) {
   return t->to(at::kDouble).data_ptr<double>()[0];
 }
 
-// The `found_inf` flag of the guarded passes: two fp32 values, [0] read (non-zero: this
-// step is skipped) and [1] set to 1 by an update that skipped a non-finite element.
-float* found_ptr(const OptTensor& found_inf) {
-  if (!found_inf.has_value() || !found_inf->defined()) return nullptr;
-  const Tensor& f = *found_inf;
-  TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == at::kFloat && f.numel() == 2 &&
-                  f.is_contiguous(),
-              "sharpopt cpu: found_inf must be a contiguous fp32 CPU tensor of 2 elements");
-  return f.data_ptr<float>();
+// The `found_inf` flag of the guarded passes (see sharpopt_checks.h).
+float* found_ptr(const OptTensor& found_inf, const Tensor& like) {
+  return sharpopt::found_inf_ptr(found_inf, like, "cpu");
 }
 
 // The guard's record of one work unit: the sum of z = g - g in both arithmetic types
@@ -451,7 +434,7 @@ void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
   check_list(params, params, "params");
   check_list(grads, params, "grads");
   check_list(saved, params, "saved");
-  const float* flag = found_ptr(found_inf);
+  const float* flag = found_ptr(found_inf, params[0]);
   if (flag && flag[0] != 0) {
     if (save) restore(saved, params); else restore(params, saved);
     return;
@@ -569,7 +552,7 @@ void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& s
   if (has_saved) check_list(saved, params, "saved");
   const bool has_mom = momentum != 0;
   if (has_mom) check_list(bufs, params, "momentum_buffers");
-  float* flag = found_ptr(found_inf);
+  float* flag = found_ptr(found_inf, params[0]);
   if (flag && flag[0] != 0) {            // a skipped step: put w back, leave the state
     if (has_saved) restore(params, saved);
     if (has_mom && init_buffers) for (const auto& b : bufs) b.zero_();   // new: start at 0
@@ -627,7 +610,7 @@ void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& 
   check_list(exp_avg_sqs, params, "exp_avg_sqs");
   if (has_saved) check_list(saved, params, "saved");
   if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
-  float* flag = found_ptr(found_inf);
+  float* flag = found_ptr(found_inf, params[0]);
   if (flag && flag[0] != 0) {            // a skipped step: put w back, leave the state
     if (has_saved) restore(params, saved);
     return;

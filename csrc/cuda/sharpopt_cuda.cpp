@@ -33,19 +33,7 @@ sc::DType dtype_of(const Tensor& t) {
 }
 
 void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, const char* what) {
-  TORCH_CHECK(ts.size() == like.size(), "sharpopt cuda: ", what, " has ", ts.size(),
-              " tensors, expected ", like.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const Tensor& t = ts[i];
-    TORCH_CHECK(t.defined() && t.is_cuda() && t.device() == like[0].device(), "sharpopt cuda: ",
-                what, "[", i, "] must be on ", like[0].device());
-    TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt cuda: ", what, "[", i,
-                "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
-    sharpopt::check_layout(t, like[i], "cuda", what, i);
-    TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt cuda: ", what, "[", i, "] has ",
-                t.numel(), " elements, expected ", like[i].numel());
-  }
-  TORCH_CHECK(ts.size() < size_t(std::numeric_limits<int>::max()), "sharpopt cuda: list too long");
+  sharpopt::check_list(ts, like, "cuda", at::kCUDA, what);
 }
 
 std::vector<void*> ptrs(const std::vector<Tensor>& ts) {
@@ -147,15 +135,9 @@ Tensor dot(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
   return out;
 }
 
-// The non-finite guard's flag (see Ops.restore_sgd): null when not given.
+// The non-finite guard's flag (see sharpopt_checks.h).
 float* found_ptr(const OptTensor& found_inf, const Tensor& like) {
-  if (!found_inf.has_value() || !found_inf->defined()) return nullptr;
-  const Tensor& f = *found_inf;
-  TORCH_CHECK(f.device() == like.device() && f.scalar_type() == at::kFloat && f.numel() == 2 &&
-                  f.is_contiguous(),
-              "sharpopt cuda: found_inf must be a contiguous fp32 tensor of 2 elements on ",
-              like.device());
-  return f.data_ptr<float>();
+  return sharpopt::found_inf_ptr(found_inf, like, "cuda");
 }
 
 void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,

@@ -9,6 +9,7 @@ torch.optim itself.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,15 +30,64 @@ def _scalar(s: Scalar, like: Tensor):
     return s.to(device=like.device, dtype=like.dtype) if isinstance(s, Tensor) else s
 
 
+# -- the per-element math, under the names of csrc/sharpopt_math.h and kernels/elementwise.py
+# (torch tensors in the accumulation dtype in, new values out; the same operation order).
+def weighted_dev(w: Tensor, g: Tensor, mu, eta: float, adaptive: bool) -> Tensor:
+    """``T (g - mu)``, ``T = |w| + eta`` when ``adaptive`` (else 1): the norm's term."""
+    d = g - mu
+    return d * (w.abs() + eta) if adaptive else d
+
+
+def perturb_elem(s: Tensor, g: Tensor, mu, scale, eta: float, adaptive: bool) -> Tensor:
+    """``s + scale T² (g - mu)``, ``T = |s| + eta`` when ``adaptive``."""
+    d = g - mu
+    if adaptive:
+        t = s.abs() + eta
+        d = d * t * t
+    return s + scale * d
+
+
+def lincomb_elem(xs: Sequence[Tensor], cs: Sequence) -> Tensor:
+    """``c0 x0 + c1 x1 + c2 x2`` (1 to 3 terms, left to right)."""
+    acc = cs[0] * xs[0]
+    for x, c in zip(xs[1:], cs[1:]):
+        acc = acc + c * x
+    return acc
+
+
+def sgd_elem(w: Tensor, buf: Optional[Tensor], g: Tensor, *, lr, weight_decay, momentum,
+             dampening, nesterov, maximize, init):
+    """(new w, new buf) of one ``torch.optim.SGD`` step (buf None without momentum)."""
+    d = -g if maximize else g
+    d = d + weight_decay * w
+    if momentum != 0:
+        buf = d if init else momentum * buf + (1 - dampening) * d
+        d = d + momentum * buf if nesterov else buf
+    return w - lr * d, buf
+
+
+def adam_elem(w: Tensor, m: Tensor, v: Tensor, vmax: Optional[Tensor], g: Tensor, *, lr, beta1,
+              beta2, eps, weight_decay, decoupled, amsgrad, maximize, bc1, bc2_sqrt):
+    """(new w, m, v, vmax) of one ``torch.optim.Adam``/``AdamW`` step; ``bc1 = 1 -
+    beta1^step`` and ``bc2_sqrt = sqrt(1 - beta2^step)``."""
+    d = -g if maximize else g
+    if decoupled:
+        w = w * (1 - lr * weight_decay)
+    else:
+        d = d + weight_decay * w
+    m = m + (1 - beta1) * (d - m)
+    v = beta2 * v + (1 - beta2) * d * d
+    vv = v
+    if amsgrad:
+        vmax = vv = torch.maximum(vmax, v)
+    return w - (lr / bc1) * m / (vv.sqrt() / bc2_sqrt + eps), m, v, vmax
+
+
 def _weighted(g: Tensor, w: Tensor, adaptive: bool, eta: float, centralize: bool) -> Tensor:
     """``T ⊙ C(g)`` in the accumulation dtype (the vector whose norm ``sumsq`` takes)."""
     d = _up(g)
-    if centralize and g.dim() > 1:
-        d = d - d.mean(dim=centralize_dims(g), keepdim=True)
-    if adaptive:
-        t = _up(w).abs() + eta
-        d = d * t
-    return d
+    mu = d.mean(dim=centralize_dims(g), keepdim=True) if centralize and g.dim() > 1 else 0.0
+    return weighted_dev(_up(w) if adaptive else w, d, mu, eta, adaptive)
 
 
 class ReferenceOps(Ops):
@@ -76,13 +126,10 @@ class ReferenceOps(Ops):
             if save:
                 s.copy_(w)
             d = _up(g)
+            mu = 0.0
             if row_means is not None and row_means[i] is not None:
-                shape = (-1,) + (1,) * (g.dim() - 1)
-                d = d - row_means[i].to(d.dtype).view(shape)
-            if adaptive:
-                t = _up(s).abs() + eta
-                d = d * t * t
-            w.copy_(_up(s) + _scalar(scale, d) * d)
+                mu = row_means[i].to(d.dtype).view((-1,) + (1,) * (g.dim() - 1))
+            w.copy_(perturb_elem(_up(s), d, mu, _scalar(scale, d), eta, adaptive))
 
     def restore(self, params, saved) -> None:
         for w, s in zip(params, saved):
@@ -92,11 +139,8 @@ class ReferenceOps(Ops):
         if not 1 <= len(xs) <= 3 or len(xs) != len(coefs):
             raise ValueError("lincomb takes 1 to 3 terms with one coefficient each")
         for i, o in enumerate(out):
-            acc = None
-            for x, c in zip(xs, coefs):
-                term = _scalar(c, _up(x[i])) * _up(x[i])
-                acc = term if acc is None else acc + term
-            o.copy_(acc)
+            terms = [_up(x[i]) for x in xs]
+            o.copy_(lincomb_elem(terms, [_scalar(c, t) for c, t in zip(coefs, terms)]))
 
     def restore_sgd(self, params, saved, grads, momentum_buffers, *, lr, weight_decay,
                     momentum, dampening, nesterov, maximize, init_buffers) -> None:
@@ -105,14 +149,14 @@ class ReferenceOps(Ops):
         if saved is not None:
             self.restore(params, saved)
         for i, (w, g) in enumerate(zip(params, grads)):
-            d = -_up(g) if maximize else _up(g)
-            d = d + weight_decay * _up(w)
-            if momentum != 0:
-                buf = momentum_buffers[i]
-                b = d if init_buffers else momentum * _up(buf) + (1 - dampening) * d
-                buf.copy_(b)
-                d = d + momentum * b if nesterov else b
-            w.copy_(_up(w) - lr * d)
+            buf = momentum_buffers[i] if momentum != 0 else None
+            new_w, new_buf = sgd_elem(
+                _up(w), None if buf is None or init_buffers else _up(buf), _up(g), lr=lr,
+                weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                nesterov=nesterov, maximize=maximize, init=init_buffers)
+            if buf is not None:
+                buf.copy_(new_buf)
+            w.copy_(new_w)
 
     def restore_adam(self, params, saved, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *,
                      step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
@@ -122,20 +166,17 @@ class ReferenceOps(Ops):
         bc1 = 1 - beta1 ** step
         bc2_sqrt = (1 - beta2 ** step) ** 0.5
         for i, (w, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-            d = -_up(g) if maximize else _up(g)
-            p = _up(w)
-            if decoupled:
-                p = p * (1 - lr * weight_decay)
-            else:
-                d = d + weight_decay * p
-            m_new = _up(m) + (1 - beta1) * (d - _up(m))
-            v_new = beta2 * _up(v) + (1 - beta2) * d * d
-            m.copy_(m_new)
-            v.copy_(v_new)
+            vmax = max_exp_avg_sqs[i] if amsgrad else None
+            new_w, new_m, new_v, new_vmax = adam_elem(
+                _up(w), _up(m), _up(v), None if vmax is None else _up(vmax), _up(g), lr=lr,
+                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, bc1=bc1,
+                bc2_sqrt=bc2_sqrt)
+            m.copy_(new_m)
+            v.copy_(new_v)
             if amsgrad:
-                v_new = torch.maximum(_up(max_exp_avg_sqs[i]), v_new)
-                max_exp_avg_sqs[i].copy_(v_new)
-            w.copy_(p - (lr / bc1) * m_new / (v_new.sqrt() / bc2_sqrt + eps))
+                vmax.copy_(new_vmax)
+            w.copy_(new_w)
 
 
 def load() -> Ops:
