@@ -127,32 +127,26 @@ def variants(full: bool = False) -> List[Variant]:
                 1 + sw["SAVE"], _label(sw))
         # restore + SGD / Adam(W), with the guard's flag or without: its one scalar store
         # of found_inf is the kernel's last 32-bit store (as a partial sum's)
-        def guarded(space):
-            return [dict(s, flag=f) for s in space for f in (None, "*fp32")]
-
-        for sw in _cover(guarded(_bool_space(("HAS_SAVED", "MOMENTUM", "NESTEROV",
-                                               "MAXIMIZE"))), full):
-            sig = {**table, **{k: "fp64" for k in ("lr", "wd", "mom", "damp1")}, "init": "i32"}
-            consts = dict({k: v for k, v in sw.items() if k != "flag"}, **flat_common(dt, al))
-            if sw["flag"] is None:
-                consts["flag"] = None
-            else:
-                sig["flag"] = sw["flag"]
-            add("restore_update", "_sgd_kernel", sig, consts, dt, True, al,
-                2 + sw["MOMENTUM"], 1 + sw["MOMENTUM"], _label(sw),
-                partial_store=sw["flag"] is not None)
-        for sw in _cover(guarded(_bool_space(("HAS_SAVED", "DECOUPLED", "AMSGRAD",
-                                               "MAXIMIZE"))), full):
-            sig = {**table, **{k: "fp64" for k in ("wd", "decay", "beta1c", "beta2", "beta2c",
-                                                    "step_size", "bc2_sqrt", "eps")}}
-            consts = dict({k: v for k, v in sw.items() if k != "flag"}, **flat_common(dt, al))
-            if sw["flag"] is None:
-                consts["flag"] = None
-            else:
-                sig["flag"] = sw["flag"]
-            add("restore_update", "_adam_kernel", sig, consts, dt, True, al,
-                4 + sw["AMSGRAD"], 3 + sw["AMSGRAD"], _label(sw),
-                partial_store=sw["flag"] is not None)
+        updates = (
+            ("_sgd_kernel", ("HAS_SAVED", "MOMENTUM", "NESTEROV", "MAXIMIZE"),
+             {**{k: "fp64" for k in ("lr", "wd", "mom", "damp1")}, "init": "i32"},
+             lambda sw: (2 + sw["MOMENTUM"], 1 + sw["MOMENTUM"])),
+            ("_adam_kernel", ("HAS_SAVED", "DECOUPLED", "AMSGRAD", "MAXIMIZE"),
+             {k: "fp64" for k in ("wd", "decay", "beta1c", "beta2", "beta2c", "step_size",
+                                   "bc2_sqrt", "eps")},
+             lambda sw: (4 + sw["AMSGRAD"], 3 + sw["AMSGRAD"])),
+        )
+        for kernel, switches, scalars, streams in updates:
+            space = [dict(s, flag=f) for s in _bool_space(switches) for f in (None, "*fp32")]
+            for sw in _cover(space, full):
+                sig = {**table, **scalars}
+                consts = dict({k: sw[k] for k in switches}, **flat_common(dt, al))
+                if sw["flag"] is None:
+                    consts["flag"] = None
+                else:
+                    sig["flag"] = sw["flag"]
+                add("restore_update", kernel, sig, consts, dt, True, al, *streams(sw),
+                    _label(sw), partial_store=sw["flag"] is not None)
         # MSAM: move back + SGD / Adam(W) + the momentum's sum of squares (kernels/msam.py);
         # the move-back scale in device memory or by value. HAS_BACK and INIT never come
         # together from the launcher; the all-on cover compiles them together anyway.

@@ -73,3 +73,43 @@ def backend(request):
 def fast_backend(request):
     require_backend(request.param)
     return request.param
+
+
+def capture_after_warmup(step):
+    """A CUDA graph of ``step()``, captured after one eager warm-up call on a side stream
+    (which allocates the state and scratch and builds the kernels' address tables), as
+    torch's capture recipe asks."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def fixed_gradient_step(params, opt, g1, g2):
+    """One two-pass step on fixed gradients (``g1`` in the first pass, ``g2`` in the
+    second) copied into the existing gradient buffers: no allocation, no host read, so it
+    can be captured in a CUDA graph."""
+    def step():
+        torch._foreach_copy_([p.grad for p in params], g1)
+        opt.first_step()
+        torch._foreach_copy_([p.grad for p in params], g2)
+        opt.second_step()
+    return step
+
+
+def replay_beside_eager(step, ref_step, replays: int = 3):
+    """Capture ``step`` (after its warm-up) and replay it ``replays`` times, each beside
+    one eager ``ref_step`` (plus the reference's own warm-up step): afterwards both sides
+    have taken ``replays + 1`` steps. Returns the graph."""
+    graph = capture_after_warmup(step)
+    ref_step()                      # the warm-up (capturing records the work, runs none)
+    for _ in range(replays):
+        graph.replay()
+        ref_step()
+    torch.cuda.synchronize()
+    return graph

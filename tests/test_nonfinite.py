@@ -21,7 +21,8 @@ import torch
 import sharpopt
 from sharpopt import _core, _finite
 from sharpopt.backends import reference
-from conftest import FAST_BACKENDS, assert_close, require_backend
+from conftest import (FAST_BACKENDS, assert_close, fixed_gradient_step, replay_beside_eager,
+                      require_backend)
 
 REF = reference.load()
 #: The backends whose passes take ``found_inf``; every other one must say it does not.
@@ -420,12 +421,7 @@ def test_default_gpu_step_never_synchronises(gpu_backend):
     require_backend(gpu_backend, torch.device("cuda"))
     ps, opt = _gpu_setup(gpu_backend)
     g = [torch.randn_like(p) for p in ps]
-
-    def step():
-        torch._foreach_copy_([p.grad for p in ps], g)
-        opt.first_step()
-        torch._foreach_copy_([p.grad for p in ps], g)
-        opt.second_step()
+    step = fixed_gradient_step(ps, opt, g, g)
     step()
     step()
     torch.cuda.synchronize()
@@ -449,28 +445,8 @@ def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend):
     (ps, opt), (qs, ref) = _gpu_setup(gpu_backend), _gpu_setup(gpu_backend)
     g1 = [torch.randn_like(p) for p in ps]
     g2 = [torch.randn_like(p) for p in ps]
-
-    def stepper(params, o):
-        def step():
-            torch._foreach_copy_([p.grad for p in params], g1)
-            o.first_step()
-            torch._foreach_copy_([p.grad for p in params], g2)
-            o.second_step()
-        return step
-    step, ref_step = stepper(ps, opt), stepper(qs, ref)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    ref_step()
-    for _ in range(3):
-        graph.replay()
-        ref_step()
-    torch.cuda.synchronize()
+    graph = replay_beside_eager(fixed_gradient_step(ps, opt, g1, g2),
+                                fixed_gradient_step(qs, ref, g1, g2))
     for i, (p, q) in enumerate(zip(ps, qs)):
         torch.testing.assert_close(p, q, msg=lambda m: f"param {i}: {m}")
     before = [p.detach().clone() for p in ps]

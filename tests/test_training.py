@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sharpopt
-from conftest import ALL_BACKENDS, assert_close, require_backend
+from conftest import (ALL_BACKENDS, assert_close, fixed_gradient_step, replay_beside_eager,
+                      require_backend)
 from sharpopt import registry
 
 
@@ -373,29 +374,11 @@ def test_cuda_graph_replay_matches_eager_steps(gpu_backend, base, bkw):
         for p in ps:
             p.grad = torch.zeros_like(p)
         opt = sharpopt.SAM(ps, base, rho=0.1, backend=gpu_backend, check_finite=False, **bkw)
-
-        def step():
-            torch._foreach_copy_([p.grad for p in ps], g1)
-            opt.first_step()
-            torch._foreach_copy_([p.grad for p in ps], g2)
-            opt.second_step()
-        return ps, opt, step
+        return ps, opt, fixed_gradient_step(ps, opt, g1, g2)
 
     ps, opt, step = setup()
     ref_ps, ref_opt, ref_step = setup()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()                      # allocates state and scratch, builds kernel tables
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    ref_step()                      # the warm-up (capturing records the work, runs none)
-    for _ in range(3):
-        graph.replay()
-        ref_step()
-    torch.cuda.synchronize()
+    replay_beside_eager(step, ref_step)
     for i, (p, q) in enumerate(zip(ps, ref_ps)):
         torch.testing.assert_close(p, q, msg=lambda m: f"param {i}: {m}")
         state, ref_state = opt.base_optimizer.state[p], ref_opt.base_optimizer.state[q]
