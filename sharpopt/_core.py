@@ -55,6 +55,7 @@ class _StepState:
         self.advanced: List[Tensor] = []
         self.pending: Optional[tuple] = None
         self.counts: Dict[torch.device, Tensor] = {}  # guarded GPU steps that found inf/NaN
+        self.ones: Dict[torch.device, Tensor] = {}    # the unscale factor 1 of a device check
 
 
 class _SkipStep(Exception):
@@ -315,13 +316,15 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
         same = self._grad_key() == self._run.key
         if not same and any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
-        guard = None
+        guard = base_flag = None
         try:
             late = [] if same else self._late(buckets)
             if amp is not None:
                 ok = self._amp_ok(buckets + late, *amp)
             elif self._guards_update(buckets + late, grad_scaler):
                 ok, guard = True, self._guard_flags(buckets + late)
+            elif self._guards_base(buckets + late, grad_scaler):
+                ok, base_flag = True, self._check_on_device(buckets + late)
             else:
                 ok = self._gradients_ok(buckets + late, grad_scaler, record=True,
                                         when="the second pass")
@@ -337,10 +340,14 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
         else:
             self._run.perturbed, self._run.late = None, late
             self._run.guard = guard
+            if base_flag is not None:      # torch's fused step skips itself on this flag
+                self.base_optimizer.found_inf = base_flag
             try:
                 self._descent(buckets)
             finally:
                 self._run.late, self._run.guard = [], None
+                if base_flag is not None:
+                    del self.base_optimizer.found_inf
         if zero_grad:
             self.zero_grad()
         self._guard_report()

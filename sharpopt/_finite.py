@@ -14,6 +14,10 @@ Two ways to keep an inf/NaN out of the weights and the optimizer state:
   a device flag (``Ops.restore_sgd``). On the CPU the flags are read at once and the call
   raises; on a GPU nothing waits for them: the next ``first_step`` raises once a copy has
   arrived, and ``nonfinite_steps`` counts them (a step replayed from a CUDA graph too).
+* **The device check** (``_guards_base``), for a base optimizer sharpopt does not merge
+  but torch runs fused (``fused=True`` SGD/Adam/AdamW): one device pass over the second
+  pass's gradients into the skip flag, handed to torch's step as its ``found_inf`` (the
+  GradScaler protocol), which skips the whole step; reported as the guard's.
 
 The mixin reads the protocol's record ``self._run`` (``_core._StepState``).
 """
@@ -29,6 +33,9 @@ from torch.amp.grad_scaler import OptState
 from . import _plan
 from ._fused import advance_steps
 from ._plan import Bucket
+
+#: Base optimizers whose ``fused=True`` step honours ``found_inf`` (see ``_guards_base``).
+_TORCH_FUSED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def _reads_now(devices) -> bool:
@@ -151,6 +158,38 @@ class _FiniteChecks:
         return self._fusable() is not None and all(
             b.ops.guards_nonfinite and not b.sharded for b in buckets)
 
+    def _guards_base(self, buckets: List[Bucket], grad_scaler) -> bool:
+        """Whether the second pass's check can run on the device and be handed to the base
+        optimizer's own step: torch's ``fused=True`` SGD/Adam/AdamW, which skip a whole
+        step on a ``found_inf`` flag (as a GradScaler hands it) and take their step counts
+        back on the device, so no host read is needed (and the step can be captured)."""
+        if not self.check_finite or (grad_scaler is not None and grad_scaler.is_enabled()):
+            return False
+        if not self._guarded_descent or self.max_grad_norm is not None:
+            return False
+        base = self.base_optimizer
+        return type(base) in _TORCH_FUSED and all(g.get("fused") for g in self.param_groups) \
+            and not any(b.sharded for b in buckets)
+
+    def _check_on_device(self, buckets: List[Bucket]) -> Tensor:
+        """The second pass's inf/NaN check as one device pass per device, into the skip
+        flag (``flags[0]``, where the first pass's verdict may already be); returns the
+        flag for the base optimizer's ``found_inf``."""
+        flags = self._guard_flags(buckets)
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for b in buckets:
+            by_device.setdefault(b.device, []).extend(b.grads)
+        for device, grads in by_device.items():
+            one = self._run.ones.get(device)
+            if one is None:
+                one = self._run.ones[device] = torch.ones(1, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, flags[device][0], one)
+        views = [f[0] for f in flags.values()]     # 0-dim, as a GradScaler's found_inf
+        if len(views) == 1:
+            return views[0]
+        first = views[0].device
+        return torch.stack([v.to(first) for v in views]).amax(0)
+
     def _guard_report(self) -> None:
         """After a guarded step: raise now (CPU) or leave a copy of the flags to be read by
         the next call (GPU)."""
@@ -200,10 +239,10 @@ class _FiniteChecks:
             advance_steps(advanced, -1)
         if skipped:
             raise FloatingPointError(
-                f"{type(self).__name__}: a gradient in the first pass of {which} contained "
-                "inf or NaN; that step was skipped (the weights and optimizer state are as "
-                "they were before it). Use a torch.amp.GradScaler (grad_scaler=) to skip such "
-                "steps quietly, or fix the loss.")
+                f"{type(self).__name__}: a gradient of {which} contained inf or NaN; that "
+                "step was skipped (the weights and optimizer state are as they were before "
+                "it). Use a torch.amp.GradScaler (grad_scaler=) to skip such steps quietly, "
+                "or fix the loss.")
         if kept:
             raise FloatingPointError(
                 f"{type(self).__name__}: a gradient in the second pass of {which} contained "

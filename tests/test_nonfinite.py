@@ -404,22 +404,29 @@ def test_paths_that_read_the_host_still_refuse_capture(monkeypatch):
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def _gpu_setup(backend, seed=0):
+#: The default step's two GPU paths: the guard inside sharpopt's fused SGD update, and
+#: torch's fused AdamW (capturable by design) skipping on the device check's flag.
+GPU_BASES = {"SGD": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+             "AdamW-fused": (torch.optim.AdamW, dict(lr=1e-2, fused=True))}
+
+
+def _gpu_setup(backend, base="SGD", seed=0):
     shapes = [(33, 7), (33,), (5, 3, 3, 3), (1,), (70001,)]
     ps = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i + seed))
                              .cuda()) for i, s in enumerate(shapes)]
     for p in ps:
         p.grad = torch.zeros_like(p)
-    opt = sharpopt.SAM(ps, torch.optim.SGD, rho=0.1, backend=backend, lr=0.1, momentum=0.9)
-    return ps, opt
+    cls, kw = GPU_BASES[base]
+    return ps, sharpopt.SAM(ps, cls, rho=0.1, backend=backend, **kw)
 
 
 @needs_gpu
+@pytest.mark.parametrize("base", list(GPU_BASES))
 @pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
-def test_default_gpu_step_never_synchronises(gpu_backend):
+def test_default_gpu_step_never_synchronises(gpu_backend, base):
     """Zero host synchronisations in a default step (check_finite=True) after warm-up."""
     require_backend(gpu_backend, torch.device("cuda"))
-    ps, opt = _gpu_setup(gpu_backend)
+    ps, opt = _gpu_setup(gpu_backend, base)
     g = [torch.randn_like(p) for p in ps]
     step = fixed_gradient_step(ps, opt, g, g)
     step()
@@ -436,13 +443,15 @@ def test_default_gpu_step_never_synchronises(gpu_backend):
 
 
 @needs_gpu
+@pytest.mark.parametrize("base", list(GPU_BASES))
 @pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
-def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend):
-    """A whole default SAM + SGD step captured after one warm-up step: replays match eager
-    steps, and a replay on poisoned gradients keeps those elements and is counted."""
+def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend, base):
+    """A whole default SAM step captured after one warm-up step: replays match eager
+    steps, and a replay on poisoned gradients keeps the weights where the guard says
+    (that element with SGD, all of them with the fused AdamW's skip) and is counted."""
     require_backend(gpu_backend, torch.device("cuda"))
     torch.manual_seed(0)
-    (ps, opt), (qs, ref) = _gpu_setup(gpu_backend), _gpu_setup(gpu_backend)
+    (ps, opt), (qs, ref) = _gpu_setup(gpu_backend, base), _gpu_setup(gpu_backend, base)
     g1 = [torch.randn_like(p) for p in ps]
     g2 = [torch.randn_like(p) for p in ps]
     graph = replay_beside_eager(fixed_gradient_step(ps, opt, g1, g2),
@@ -454,5 +463,50 @@ def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend):
     graph.replay()
     torch.cuda.synchronize()
     assert ps[0][3, 4] == before[0][3, 4], "a kept weight moved in a replay"
+    if base == "AdamW-fused":
+        assert all(torch.equal(p, q) for p, q in zip(ps, before)), "the skipped step moved"
     assert all(torch.isfinite(p).all() for p in ps)
     assert opt.nonfinite_steps == 1
+
+
+# -- a torch fused=True base optimizer ----------------------------------------------------
+@pytest.mark.parametrize("late", [False, True], ids=["read-now", "read-late"])
+@pytest.mark.parametrize("base", list(BASES))
+def test_a_torch_fused_base_skips_the_step_on_the_device(backend, base, late, monkeypatch):
+    """With torch's ``fused=True`` SGD/AdamW as the base (not merged by sharpopt), the
+    second pass is checked on the device and the flag handed to the base's own step as
+    ``found_inf``, which skips the whole step (Adam's count included): no host read, so
+    such a step can be captured. Clean steps are those of ``check_finite=False``."""
+    if late:
+        monkeypatch.setattr(_finite, "_reads_now", lambda devices: False)
+    base_cls, kw = BASES[base]
+    model, twin = _model(), _model()
+    opt = sharpopt.SAM(model.parameters(), base_cls, backend=backend, fused=True, **kw)
+    ref = sharpopt.SAM(twin.parameters(), base_cls, backend=backend, fused=True,
+                       check_finite=False, **kw)
+    _steps(model, opt, 2)
+    _steps(twin, ref, 2)
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert torch.equal(p, q), f"{base}: param {i} differs from check_finite=False"
+    checks = _count_separate_checks(monkeypatch)
+    before, st = _snapshot(model, opt)
+    _loss(model, 3).backward()
+    assert opt.first_step(zero_grad=True)
+    _loss(model, 3).backward()
+    list(model.parameters())[2].grad[1, 4] = float("nan")
+    if late:
+        opt.second_step(zero_grad=True)
+        _loss(model, 4).backward()
+        with pytest.raises(FloatingPointError, match="previous step.*skipped"):
+            opt.first_step(zero_grad=True)
+        opt.zero_grad()
+    else:
+        with pytest.raises(FloatingPointError, match="this step.*skipped"):
+            opt.second_step(zero_grad=True)
+    assert not checks, "the second pass was checked with a host read"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), \
+        "the weights moved in a skipped step"
+    _assert_state_equal(model, opt, st, f"{base}: skipped step")
+    assert opt.nonfinite_steps == 1
+    _steps(model, opt, 1, seed=50)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
