@@ -246,10 +246,33 @@ void add_row_units(std::vector<Unit>& units, int32_t t, int64_t rows, int64_t ro
   for (int64_t r = 0; r < rows; r += per) units.push_back({t, r, std::min(rows, r + per), row_len});
 }
 
+// Runs fn(unit, index) over every unit, the threads taking contiguous runs of units with
+// about the same number of elements each (the passes are memory bound, so a unit costs
+// its size). Splitting the unit count evenly instead left one thread with the big layers
+// of a network and the other with its many small tensors. Which thread runs a unit never
+// changes a result: reductions add the per-unit partials in unit order.
 template <class Fn>
 void for_units(const std::vector<Unit>& units, const Fn& fn) {
-  at::parallel_for(0, int64_t(units.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t u = b; u < e; ++u) fn(units[u], u);
+  const int64_t n = int64_t(units.size());
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  if (nt <= 1) {
+    for (int64_t u = 0; u < n; ++u) fn(units[u], u);
+    return;
+  }
+  auto size = [](const Unit& u) { return (u.end - u.begin) * std::max<int64_t>(1, u.row_len); };
+  int64_t total = 0;
+  for (const Unit& u : units) total += size(u);
+  // bounds[r] = first unit of run r: the first unit at or past r/nt of the elements.
+  std::vector<int64_t> bounds(nt + 1, n);
+  bounds[0] = 0;
+  int64_t seen = 0, r = 1;
+  for (int64_t u = 0; u < n && r < nt; ++u) {
+    while (r < nt && seen * nt >= total * r) bounds[r++] = u;
+    seen += size(units[u]);
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t run = b; run < e; ++run)
+      for (int64_t u = bounds[run]; u < bounds[run + 1]; ++u) fn(units[u], u);
   });
 }
 
