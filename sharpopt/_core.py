@@ -256,10 +256,8 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
         self._run.flags_fresh = False
         if fold:
             self._run.inv_scale = self._inv_scale(grad_scaler)
-        elif self._run.by_norm:
-            pass
-        elif not self._gradients_ok(buckets, grad_scaler, record=not self._will_perturb(),
-                                    when="the first pass"):
+        elif not self._run.by_norm and not self._gradients_ok(
+                buckets, grad_scaler, record=not self._will_perturb(), when="the first pass"):
             self._run.done_early = True
             if zero_grad:
                 self.zero_grad()

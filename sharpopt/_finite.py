@@ -103,14 +103,7 @@ class _FiniteChecks:
             raise FloatingPointError(self._nonfinite_message(when))
         return True
 
-    # -- the non-finite guard: inf/NaN found inside the passes, no pass of its own --------
-    # With check_finite and no loss scaler, SAM/ASAM/GCSAM read the verdict of the first
-    # pass from the norm their ascent computes anyway, and the fused SGD/Adam update of the
-    # second pass (backends with ``guards_nonfinite``) keeps every element whose gradient
-    # is not finite as it was (``Ops.restore_sgd``). On the CPU the flags are read at once
-    # and FloatingPointError is raised in the call that found them; on a GPU they stay on
-    # the device (no synchronisation) and the error is raised by the next first_step()
-    # once a copy of them has arrived.
+    # -- the non-finite guard and the device check (see the module docstring) -------------
     def _guard_flags(self, buckets: List[Bucket]) -> Dict[torch.device, Tensor]:
         """The per-device flags ``[skip, found]`` of this step, zeroed at its first use
         (unless the last step read them on the host and found them zero)."""
@@ -149,13 +142,17 @@ class _FiniteChecks:
         self._run.armed = True       # the update must honour the skip (see _second)
         return flags
 
-    def _guards_update(self, buckets: List[Bucket], grad_scaler) -> bool:
-        """Whether the second pass's inf/NaN check can be left to the fused update."""
+    def _may_guard_second(self, grad_scaler) -> bool:
+        """Whether the second pass's check may leave the separate pass at all: the default
+        check without a scaler (whose own unscale is the check), a descent that only feeds
+        the update, and no clipping (whose norm would spread one inf over every element)."""
         if not self.check_finite or (grad_scaler is not None and grad_scaler.is_enabled()):
             return False
-        if not self._guarded_descent or self.max_grad_norm is not None:
-            return False
-        return self._fusable() is not None and all(
+        return self._guarded_descent and self.max_grad_norm is None
+
+    def _guards_update(self, buckets: List[Bucket], grad_scaler) -> bool:
+        """Whether the second pass's inf/NaN check can be left to the fused update."""
+        return self._may_guard_second(grad_scaler) and self._fusable() is not None and all(
             b.ops.guards_nonfinite and not b.sharded for b in buckets)
 
     def _guards_base(self, buckets: List[Bucket], grad_scaler) -> bool:
@@ -163,13 +160,10 @@ class _FiniteChecks:
         optimizer's own step: torch's ``fused=True`` SGD/Adam/AdamW, which skip a whole
         step on a ``found_inf`` flag (as a GradScaler hands it) and take their step counts
         back on the device, so no host read is needed (and the step can be captured)."""
-        if not self.check_finite or (grad_scaler is not None and grad_scaler.is_enabled()):
-            return False
-        if not self._guarded_descent or self.max_grad_norm is not None:
-            return False
-        base = self.base_optimizer
-        return type(base) in _TORCH_FUSED and all(g.get("fused") for g in self.param_groups) \
-            and not any(b.sharded for b in buckets)
+        return self._may_guard_second(grad_scaler) and \
+            type(self.base_optimizer) in _TORCH_FUSED and \
+            all(g.get("fused") for g in self.param_groups) and \
+            not any(b.sharded for b in buckets)
 
     def _check_on_device(self, buckets: List[Bucket]) -> Tensor:
         """The second pass's inf/NaN check as one device pass per device, into the skip

@@ -175,7 +175,7 @@ class _FusedUpdate:
         if group["momentum"] == 0:
             b.ops.restore_sgd(b.params, saved, d, [], init_buffers=False, **kw)
             return
-        if "momentum_buffer" in b.laid_out or not b.ops.requires_dense or b.sharded:
+        if self._laid_out(b, "momentum_buffer"):
             cached = self._state_lists(b, ("momentum_buffer",))
             if cached is not None:                     # every step after the first
                 b.ops.restore_sgd(b.params, saved, d, cached[0], init_buffers=False, **kw)
@@ -210,54 +210,55 @@ class _FusedUpdate:
             )
 
     @staticmethod
-    def _relayout_due(b: Bucket, key: str) -> bool:
+    def _laid_out(b: Bucket, key: str) -> bool:
+        """Whether state ``key`` of bucket ``b`` needs no layout check (any more) in this
+        plan: done already, or a backend that does not walk memory, or shards."""
+        return key in b.laid_out or not b.ops.requires_dense or b.sharded
+
+    @classmethod
+    def _relayout_due(cls, b: Bucket, key: str) -> bool:
         """Whether state ``key`` of bucket ``b`` must still be checked against the
-        parameters' layout (:func:`_relaid`): once per plan, for the backends that walk
-        memory; state made later is made in the parameter's layout."""
-        if not b.ops.requires_dense or b.sharded or key in b.laid_out:
+        parameters' layout (:func:`_relaid`), and marks it done: once per plan, for the
+        backends that walk memory; state made later is made in the parameter's layout."""
+        if cls._laid_out(b, key):
             return False
         b.laid_out.add(key)
         return True
 
-    def _adam_steps(self, b: Bucket) -> Tuple[List[Tensor], Optional[Tuple[float, float]]]:
-        """The step counters of bucket ``b``'s parameters, advanced by one, after creating
-        the Adam state where it is missing (zeros, as torch.optim.Adam does) and giving the
-        moments the parameters' layout once per plan (see :func:`_relaid`); with the
-        lowest and highest new count where :func:`advance_steps` knows them."""
+    def _adam_state(self, b: Bucket) -> Tuple[List[list], Optional[Tuple[float, float]]]:
+        """Bucket ``b``'s Adam state as lists ``[step, exp_avg, exp_avg_sq(, max_exp_avg_sq)]``
+        with the step counters advanced by one, after creating the state where it is
+        missing (zeros, as torch.optim.Adam does) and giving the moments the parameters'
+        layout once per plan (see :func:`_relaid`); and the lowest and highest new count
+        where :func:`advance_steps` knows them."""
         state, amsgrad = self.base_optimizer.state, b.group["amsgrad"]
-        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-        ready = ("adam" in b.laid_out or not b.ops.requires_dense or b.sharded) and \
-            self._state_lists(b, ("step", *keys)) is not None
-        if not ready:
+        moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+        lists = self._state_lists(b, ("step", *moments)) if self._laid_out(b, "adam") else None
+        if lists is None:
             for p in b.sources:
                 st = state[p]
                 if len(st) == 0:
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if amsgrad:
-                        st["max_exp_avg_sq"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format)
+                    for key in moments:
+                        st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if self._relayout_due(b, "adam"):
                 for p in b.sources:
-                    _relaid(state[p], keys, p)
-        steps = self._state_lists(b, ("step", *keys))[0]
-        span = advance_steps(steps, 1)
+                    _relaid(state[p], moments, p)
+            lists = self._state_lists(b, ("step", *moments))
+        span = advance_steps(lists[0], 1)
         if self._run.guard is not None:
-            self._run.advanced.extend(steps)   # taken back if the guard kept an element
-        return steps, span
+            self._run.advanced.extend(lists[0])   # taken back if the guard kept an element
+        return lists, span
 
     def _adam(self, b: Bucket, saved, d) -> None:
         group = b.group
         amsgrad = group["amsgrad"]
-        steps, span = self._adam_steps(b)
+        (steps, *lists), span = self._adam_state(b)
         beta1, beta2 = group["betas"]
         decoupled = group.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
         kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                   weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
                   maximize=group["maximize"], **self._guard_kw(b))
-        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-        lists = self._state_lists(b, keys)
         if span is not None and span[0] == span[1]:   # one count for all: the common case
             b.ops.restore_adam(b.params, saved, d, lists[0], lists[1],
                                lists[2] if amsgrad else [], step=int(span[0]), **kw)

@@ -311,9 +311,9 @@ class MSAM(SharpnessAware):
         return parts
 
     def _fused_adam(self, b: Bucket) -> List[Tensor]:
-        group, state = b.group, self.base_optimizer.state
+        group = b.group
         amsgrad = group["amsgrad"]
-        steps, _ = self._adam_steps(b)
+        (steps, *moments), _ = self._adam_state(b)
         beta1, beta2 = group["betas"]
         decoupled = group.get("decoupled_weight_decay",
                               type(self.base_optimizer) is torch.optim.AdamW)
@@ -326,12 +326,10 @@ class MSAM(SharpnessAware):
             for i in idx:
                 by_step.setdefault(float(steps[i]), []).append(i)
             for step, ids in by_step.items():
-                ps = [b.sources[i] for i in ids]
                 parts.append(b.ops.msam_adam(
-                    b.local(ps), [grads[i] for i in ids],
-                    b.local([state[p]["exp_avg"] for p in ps]),
-                    b.local([state[p]["exp_avg_sq"] for p in ps]),
-                    b.local([state[p]["max_exp_avg_sq"] for p in ps]) if amsgrad else [],
+                    b.local([b.sources[i] for i in ids]), [grads[i] for i in ids],
+                    [moments[0][i] for i in ids], [moments[1][i] for i in ids],
+                    [moments[2][i] for i in ids] if amsgrad else [],
                     None if s is None else self._on(s, b.device),
                     step=int(step), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=amsgrad,
