@@ -53,7 +53,7 @@ class _StepState:
         self.armed = False          # flags[0] may say "skip" (set on the device in pass 1)
         self.guard: Optional[Dict[torch.device, Tensor]] = None
         self.advanced: List[Tensor] = []
-        self.pending: Optional[tuple] = None
+        self.pending: List[tuple] = []   # (host copy, event, counters, step) per GPU step
         self.counts: Dict[torch.device, Tensor] = {}  # guarded GPU steps that found inf/NaN
         self.ones: Dict[torch.device, Tensor] = {}    # the unscale factor 1 of a device check
 

@@ -12,8 +12,9 @@ Two ways to keep an inf/NaN out of the weights and the optimizer state:
   pass of its own. The first pass reads the verdict from the norm the ascent computes
   anyway; the update keeps each element whose gradient is not finite as it was and sets
   a device flag (``Ops.restore_sgd``). On the CPU the flags are read at once and the call
-  raises; on a GPU nothing waits for them: the next ``first_step`` raises once a copy has
-  arrived, and ``nonfinite_steps`` counts them (a step replayed from a CUDA graph too).
+  raises; on a GPU nothing waits for them: each step's copy is queued, and a later
+  ``first_step`` raises once it has arrived (none is lost while the host runs ahead);
+  ``nonfinite_steps`` counts them (a step replayed from a CUDA graph too).
 * **The device check** (``_guards_base``), for a base optimizer sharpopt does not merge
   but torch runs fused (``fused=True`` SGD/Adam/AdamW): one device pass over the second
   pass's gradients into the skip flag, handed to torch's step as its ``found_inf`` (the
@@ -185,8 +186,8 @@ class _FiniteChecks:
         return torch.stack([v.to(first) for v in views]).amax(0)
 
     def _guard_report(self) -> None:
-        """After a guarded step: raise now (CPU) or leave a copy of the flags to be read by
-        the next call (GPU)."""
+        """After a guarded step: raise now (CPU) or queue a copy of the flags for a later
+        ``first_step`` to read (GPU)."""
         flags, self._run.flags_fresh, self._run.armed = self._run.flags, False, False
         if self._run.reported:
             return
@@ -206,7 +207,8 @@ class _FiniteChecks:
                                                               device=device)
             count.add_(f.amax().clamp(max=1.0))
         if not _plan._capturing():
-            self._run.pending = (*_copy_to_host(list(flags.values())), advanced)
+            self._run.pending.append((*_copy_to_host(list(flags.values())), advanced,
+                                      self._run.calls))
 
     @property
     def nonfinite_steps(self) -> int:
@@ -216,12 +218,13 @@ class _FiniteChecks:
         return self._nonfinite_steps + int(sum(float(c) for c in self._run.counts.values()))
 
     def _guard_pending(self) -> None:
-        """Raise for the last guarded GPU step once its flags have arrived (no wait)."""
+        """Read the guarded GPU steps whose flags have arrived (no wait), oldest first, and
+        raise for the first that found inf/NaN. A step whose copy has not arrived yet stays
+        queued (the host may run several steps ahead of the device), so none is lost."""
         pending = self._run.pending
-        if pending is None or _plan._capturing() or not pending[1].query():
-            return
-        self._run.pending = None
-        self._guard_raise(pending[0].tolist(), pending[2], "the previous step")
+        while pending and not _plan._capturing() and pending[0][1].query():
+            host, _, advanced, step = pending.pop(0)
+            self._guard_raise(host.tolist(), advanced, f"step {step} (a previous step)")
 
     def _guard_raise(self, rows: List[List[float]], advanced: List[Tensor], which: str) -> None:
         """FloatingPointError when the flags ``rows`` (``[skip, found]`` per device) say so.

@@ -335,6 +335,47 @@ def test_flags_read_late_raise_at_the_next_first_step(guarded, base, poison, mon
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class _NotYet:
+    """An event whose copy has not arrived until ``arrived`` is set."""
+
+    arrived = False
+
+    def query(self):
+        return type(self).arrived
+
+
+def test_a_report_the_host_has_not_received_yet_is_kept(guarded, monkeypatch):
+    """The host may run several steps ahead of a GPU: a step's flags that have not arrived
+    by the next first_step stay queued behind the later steps' and are still read, oldest
+    first, naming the step that found the inf/NaN (none is overwritten)."""
+    monkeypatch.setattr(_finite, "_reads_now", lambda devices: False)
+    real = _finite._copy_to_host
+    monkeypatch.setattr(_finite, "_copy_to_host",
+                        lambda flags: (real(flags)[0], _NotYet()))
+    model = _model()
+    opt = sharpopt.SAM(model.parameters(), torch.optim.SGD, backend=guarded.name, lr=0.1,
+                       momentum=0.9)
+    _steps(model, opt, 1)                               # step 1: clean
+    _loss(model, 3).backward()
+    opt.first_step(zero_grad=True)                      # step 2: poisoned second pass
+    _loss(model, 3).backward()
+    list(model.parameters())[0].grad[0, 0] = float("nan")
+    opt.second_step(zero_grad=True)
+    _steps(model, opt, 2, seed=10)                      # steps 3 and 4: nothing arrived
+    assert len(opt._run.pending) == 4, "a report was lost before it was read"
+    _NotYet.arrived = True
+    try:
+        _loss(model, 5).backward()
+        with pytest.raises(FloatingPointError, match=r"step 2 \(a previous step\)"):
+            opt.first_step(zero_grad=True)
+        assert len(opt._run.pending) == 2, "the reports after the failing one were dropped"
+        opt.zero_grad()
+        _steps(model, opt, 1, seed=20)                  # reads steps 3 and 4: clean
+        assert len(opt._run.pending) == 1
+    finally:
+        _NotYet.arrived = False
+
+
 def test_other_algorithms_keep_the_separate_check(guarded, monkeypatch):
     """LookSAM's descent writes its own state from the second pass's gradients, which the
     update's guard would not cover: it keeps the separate check, and an inf still leaves
@@ -371,7 +412,7 @@ def test_a_captured_default_step_counts_instead_of_raising(guarded, monkeypatch)
     _steps(model, opt, 2)
     assert opt.nonfinite_steps == 0
     before, st = _snapshot(model, opt)
-    prior = opt._run.pending                  # the last eager step's copy, not read yet
+    prior = [id(entry) for entry in opt._run.pending]   # eager copies not read yet
     monkeypatch.setattr(sharpopt._plan, "_capturing", lambda: True)
     _loss(model, 3).backward()
     assert opt.first_step(zero_grad=True)
@@ -379,7 +420,8 @@ def test_a_captured_default_step_counts_instead_of_raising(guarded, monkeypatch)
     for p in model.parameters():
         p.grad.fill_(float("nan"))
     opt.second_step(zero_grad=True)
-    assert opt._run.pending is prior, "a captured step made a host copy"
+    assert [id(entry) for entry in opt._run.pending] == prior, \
+        "a captured step made a host copy"
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     _assert_state_equal(model, opt, st, "captured poisoned step")
     assert opt.nonfinite_steps == 1
