@@ -107,17 +107,9 @@ def make_state(shapes, gen):
 
 
 def sam_step(ops, st, opt):
-    s = ops.sumsq(st["g"], st["p"], adaptive=False, eta=0.0, centralize=False)
-    scale = RHO / (s.sqrt() + EPS)  # stays a tensor: no host sync in the step
-    ops.perturb(st["p"], st["g"], st["saved"], scale, adaptive=False, eta=0.0)
-    if opt == "sgd":
-        ops.restore_sgd(st["p"], st["saved"], st["g"], st["buf"], lr=0.1, weight_decay=5e-4,
-                        momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
-                        init_buffers=False)
-    else:
-        ops.restore_adam(st["p"], st["saved"], st["g"], st["m"], st["v"], [], step=10, lr=1e-3,
-                         beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True,
-                         amsgrad=False, maximize=False)
+    """The step's three backend calls in order (norm, perturb, update): see ``passes``."""
+    for run, _ in passes(ops, st, opt).values():
+        run()
 
 
 def public_step(shapes, opt, backend, check_finite, seed=0):
