@@ -52,14 +52,23 @@ inline void check_list(const std::vector<at::Tensor>& ts, const std::vector<at::
               " tensors, expected ", like.size());
   TORCH_CHECK(ts.size() < size_t(std::numeric_limits<int>::max()), "sharpopt ", backend,
               ": list too long");
+  if (ts.empty()) return;
+  // Read once per list: on small tensors these checks are a good part of a pass's cost.
+  const at::Device device = like[0].device();
+  const at::ScalarType dtype = like[0].scalar_type();
+  const bool on_type = device.type() == type;
   for (size_t i = 0; i < ts.size(); ++i) {
     const at::Tensor& t = ts[i];
-    TORCH_CHECK(t.defined() && t.device().type() == type && t.device() == like[0].device(),
-                "sharpopt ", backend, ": ", what, "[", i, "] must be on ",
-                like[0].device().type() == type ? like[0].device() : at::Device(type),
+    TORCH_CHECK(t.defined() && on_type && t.device() == device, "sharpopt ", backend, ": ",
+                what, "[", i, "] must be on ", on_type ? device : at::Device(type),
                 t.defined() ? "" : " (got an undefined tensor)");
-    TORCH_CHECK(t.scalar_type() == like[0].scalar_type(), "sharpopt ", backend, ": ", what,
-                "[", i, "] has dtype ", t.scalar_type(), ", expected ", like[0].scalar_type());
+    TORCH_CHECK(t.scalar_type() == dtype, "sharpopt ", backend, ": ", what, "[", i,
+                "] has dtype ", t.scalar_type(), ", expected ", dtype);
+    if (t.unsafeGetTensorImpl() == like[i].unsafeGetTensorImpl()) {   // the parameter itself
+      TORCH_CHECK(t.is_non_overlapping_and_dense(), "sharpopt ", backend, ": ", what, "[", i,
+                  "] must be dense (strides ", t.strides(), ")");
+      continue;
+    }
     check_layout(t, like[i], backend, what, i);
     TORCH_CHECK(t.numel() == like[i].numel(), "sharpopt ", backend, ": ", what, "[", i,
                 "] has ", t.numel(), " elements, expected ", like[i].numel());

@@ -149,14 +149,23 @@ def sumsq(grads: Sequence[Tensor], params: Sequence[Tensor], *, adaptive: bool, 
     if len(grads) == 0:
         return torch.zeros((), dtype=torch.float32)
     dt, acc = tb.dtypes(grads[0])
-    flat, rows = [], []
-    for i, g in enumerate(grads):
-        want_mean = row_means is not None and row_means[i] is not None
-        if want_mean and g.dim() <= 1:
-            raise ValueError("row_means[i] must be None for a tensor with dim <= 1")
-        (rows if g.dim() > 1 and (centralize or want_mean) else flat).append(i)
     p = list(params) if adaptive else None
-    pick = lambda lst, idx: None if lst is None else [lst[i] for i in idx]  # noqa: E731
+    if not centralize and row_means is None:     # SAM, ASAM: every tensor is flat
+        flat, rows = None, []
+    else:
+        flat, rows = [], []
+        for i, g in enumerate(grads):
+            want_mean = row_means is not None and row_means[i] is not None
+            if want_mean and g.dim() <= 1:
+                raise ValueError("row_means[i] must be None for a tensor with dim <= 1")
+            (rows if g.dim() > 1 and (centralize or want_mean) else flat).append(i)
+
+    def pick(lst, idx):
+        """Entries ``idx`` of ``lst`` (all of them for ``idx`` None)."""
+        if lst is None or idx is None:
+            return None if lst is None else list(lst)
+        return [lst[i] for i in idx]
+
     flat_plan = tb.plan("flat", [pick(grads, flat), pick(p, flat)])
     row_plan = tb.plan("rows", [pick(grads, rows), pick(p, rows),
                                 pick(row_means, rows) if row_means is not None

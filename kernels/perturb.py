@@ -98,10 +98,12 @@ def perturb(params: Sequence[Tensor], grads: Sequence[Tensor], saved: Sequence[T
     if len(params) == 0:
         return
     dt, acc = tb.dtypes(params[0])
-    means = list(row_means) if row_means is not None else [None] * len(params)
-    for g, m in zip(grads, means):
-        if m is not None and g.dim() <= 1:
-            raise ValueError("row_means[i] must be None for a tensor with dim <= 1")
+    means = None                     # no row means: an absent list (a column of zeros)
+    if row_means is not None:
+        means = list(row_means)
+        for g, m in zip(grads, means):
+            if m is not None and g.dim() <= 1:
+                raise ValueError("row_means[i] must be None for a tensor with dim <= 1")
     pl = tb.plan("flat", [list(params), list(grads), list(saved), means],
                  rows_view=row_means is not None)
     scale_ptr, scale_val = tb.scalar(scale, params[0].device)

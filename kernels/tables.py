@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _host
 from ..backends.base import is_dense, rows_are_blocks, same_layout
 
 # Read once at import, as triton.jit does: the kernels below are interpreted or compiled
@@ -154,17 +155,18 @@ def plan(kind: str, lists: Sequence[Optional[Sequence[Optional[Tensor]]]],
     ``rows_view``: a flat pass that reads the (nrows, ncols) columns, so the key must
     include the shapes and not only the sizes.
 
-    The key is built on every call, so it is kept to what decides the table's content:
-    ``map`` over the bound methods is about twice as fast as a generator here.
+    The key is built on every call, so it is kept to what decides the table's content,
+    and the per-tensor parts (element counts, addresses) are read in C++ where the cpu
+    extension is loaded (``sharpopt._host``): in Python they were most of a pass's cost.
     """
     first = lists[0]
     key = (
         kind, MAX_TENSORS, MAX_BLOCKS, CHUNK, ROW_TILE, MIN_COLS, MAX_COLS,
         first[0].device if len(first) else None,
-        tuple(map(Tensor.numel, first)),
+        _host.numels(first),
         tuple(t.shape[0] if t.dim() else 1 for t in first)
         if kind == "rows" or rows_view else None,
-        *map(_addresses, lists),
+        *map(_host.data_ptrs, lists),
     )
     capturing = _capturing()
     hit = _captured.get(key)
@@ -209,15 +211,6 @@ def _record_stream(pl: Plan) -> None:
         for ln in pl.launches:
             ln.table.record_stream(stream)
         pl.streams.add(stream.stream_id)
-
-
-def _addresses(lst):
-    if lst is None:
-        return None
-    try:
-        return tuple(map(Tensor.data_ptr, lst))
-    except TypeError:  # an absent (None) entry
-        return tuple(0 if t is None else t.data_ptr() for t in lst)
 
 
 def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False) -> Plan:

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from . import _plan
-from ._fused import advance_steps
+from ._host import advance_steps
 from ._plan import Bucket
 
 #: Base optimizers whose ``fused=True`` step honours ``found_inf`` (see ``_guards_base``).

@@ -6,39 +6,18 @@ buckets of the step plan and the protocol's record of late gradients (``self._ru
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _plan
+from ._host import advance_steps
 from ._plan import Bucket, _relaid
 
 
 #: The base optimizers whose update the fused backends merge with the restore.
 _FUSED_KIND = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
-_NO_EXT = object()
-_steps_ext = None
-
-
-def advance_steps(steps: List[Tensor], delta: float) -> Optional[Tuple[float, float]]:
-    """``steps += delta`` for Adam's step counters; (lowest, highest) new count when the
-    compiled cpu extension did it in one call (one-element fp32 CPU tensors, as torch.optim
-    keeps them), else None (one ``_foreach_add_``, and the caller reads the counters)."""
-    global _steps_ext
-    if _steps_ext is None:
-        try:   # only a prebuilt extension: this must never start a compilation
-            _steps_ext = importlib.import_module("sharpopt._C_cpu")
-        except ImportError:
-            _steps_ext = _NO_EXT
-    if _steps_ext is not _NO_EXT and steps:
-        try:
-            return _steps_ext.advance_steps(steps, float(delta))
-        except RuntimeError:     # some counter is not a one-element fp32 CPU tensor
-            pass
-    torch._foreach_add_(steps, delta)
-    return None
 
 
 class _FusedUpdate:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _host
 from .backends import BackendUnavailable, is_forced, resolve
 from ._naming import _Reporting, describe_param
 from .backends.base import Ops, is_dense, layout_problem, same_layout
@@ -137,7 +138,7 @@ class Bucket:
         inside a pass, so the gradient tensors cannot change there)."""
         if self.pinned is not None:
             return self.pinned
-        return self.local([p.grad for p in self.sources])
+        return self.local(_host.grads(self.sources))
 
     def local(self, tensors: List[Tensor]) -> List[Tensor]:
         """Local shards of per-parameter tensors (state shaped like the parameters)."""
@@ -295,9 +296,10 @@ class _Core(Optimizer):
         self._plan = (key, buckets)
         return buckets
 
-    def _grad_key(self) -> List[int]:
-        """Which parameters have a gradient now, in group order (the plan's key)."""
-        return [id(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _grad_key(self):
+        """Which parameters have a gradient now, in group order (the plan's key; compare
+        with ``==``)."""
+        return _host.grad_key([g["params"] for g in self.param_groups])
 
     def _buffers(self, name: str, sources: Sequence[Tensor]) -> List[Tensor]:
         """Scratch tensors named ``name`` for the parameters ``sources`` (local shards for

@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "sharpopt_checks.h"
+#include "sharpopt_lists.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -48,6 +49,7 @@ inline at::vec::Vectorized<S> sopt_keep(const at::vec::Vectorized<S>& z,
 namespace {
 
 using at::Tensor;
+using sharpopt::TensorList;
 using namespace sharpopt::math;
 template <class S>
 using Vec = at::vec::Vectorized<S>;
@@ -324,7 +326,7 @@ double sum_partials(const std::vector<double>& p) {
 // row with two passes over each row: the exact mean first, then the centred sum of
 // squares (no cancellation, and a row is small enough to be read again from cache).
 // ---------------------------------------------------------------------------------
-Tensor sumsq(const std::vector<Tensor>& grads, const std::vector<Tensor>& params, bool adaptive,
+Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
              double eta, bool centralize, const std::vector<OptTensor>& row_means) {
   if (grads.empty()) return scalar_out(0, false);
   check_dtype(grads);
@@ -393,7 +395,7 @@ Tensor sumsq(const std::vector<Tensor>& grads, const std::vector<Tensor>& params
   return scalar_out(sum_partials(partial), fp64);
 }
 
-Tensor dot(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
+Tensor dot(const TensorList& xs, const TensorList& ys) {
   if (xs.empty()) return scalar_out(0, false);
   check_dtype(xs);
   check_list(xs, xs, "xs");
@@ -442,14 +444,14 @@ struct Seen {
   }
 };
 
-void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved);
+void restore(const TensorList& params, const TensorList& saved);
 
 // ---------------------------------------------------------------------------------
 // perturb: saved <- w (when save); w <- saved + scale * T^2 * C(g), T from saved.
 // With found_inf[0] set (the step is skipped) e = 0: w is saved and left, or restored.
 // ---------------------------------------------------------------------------------
-void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-             const std::vector<Tensor>& saved, double scale, const OptTensor& scale_t,
+void perturb(const TensorList& params, const TensorList& grads,
+             const TensorList& saved, double scale, const OptTensor& scale_t,
              bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save,
              const OptTensor& found_inf) {
   if (params.empty()) return;
@@ -503,7 +505,7 @@ void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
   });
 }
 
-void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved) {
+void restore(const TensorList& params, const TensorList& saved) {
   if (params.empty()) return;
   check_list(params, params, "params");
   check_list(saved, params, "saved");
@@ -520,7 +522,7 @@ void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved
 // ---------------------------------------------------------------------------------
 // lincomb: out_i <- sum_k coefs[k] * xs[k][i], k < K <= 3.
 // ---------------------------------------------------------------------------------
-void lincomb(const std::vector<Tensor>& out, const std::vector<std::vector<Tensor>>& xs,
+void lincomb(const TensorList& out, const std::vector<TensorList>& xs,
              const std::vector<double>& coefs, const std::vector<OptTensor>& coef_tensors) {
   const int K = int(xs.size());
   TORCH_CHECK(K >= 1 && K <= 3 && coefs.size() == size_t(K),
@@ -564,8 +566,8 @@ void lincomb(const std::vector<Tensor>& out, const std::vector<std::vector<Tenso
 // ---------------------------------------------------------------------------------
 // restore + torch.optim.SGD step (see sgd_elem).
 // ---------------------------------------------------------------------------------
-void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
-                 const std::vector<Tensor>& grads, const std::vector<Tensor>& bufs, double lr,
+void restore_sgd(const TensorList& params, const TensorList& saved, bool has_saved,
+                 const TensorList& grads, const TensorList& bufs, double lr,
                  double weight_decay, double momentum, double dampening, bool nesterov,
                  bool maximize, bool init_buffers, const OptTensor& found_inf) {
   if (params.empty()) return;
@@ -618,9 +620,9 @@ void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& s
 // ---------------------------------------------------------------------------------
 // restore + torch.optim.Adam/AdamW step (see adam_elem).
 // ---------------------------------------------------------------------------------
-void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
-                  const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
-                  const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& max_exp_avg_sqs,
+void restore_adam(const TensorList& params, const TensorList& saved, bool has_saved,
+                  const TensorList& grads, const TensorList& exp_avgs,
+                  const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs,
                   int64_t step, double lr, double beta1, double beta2, double eps,
                   double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                   const OptTensor& found_inf) {
@@ -697,8 +699,8 @@ double update_and_sumsq(const R* const (&in)[N], R* const (&out)[N], int m_strea
   return acc;
 }
 
-Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-                const std::vector<Tensor>& bufs, double back, const OptTensor& back_t,
+Tensor msam_sgd(const TensorList& params, const TensorList& grads,
+                const TensorList& bufs, double back, const OptTensor& back_t,
                 bool has_back, double lr, double weight_decay, double momentum, double dampening,
                 bool nesterov, bool maximize, bool init_buffers) {
   if (params.empty()) return scalar_out(0, false);
@@ -737,9 +739,9 @@ Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   return scalar_out(sum_partials(partial), params[0].scalar_type() == at::kDouble);
 }
 
-Tensor msam_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
-                 const std::vector<Tensor>& max_exp_avg_sqs, double back, const OptTensor& back_t,
+Tensor msam_adam(const TensorList& params, const TensorList& grads,
+                 const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
+                 const TensorList& max_exp_avg_sqs, double back, const OptTensor& back_t,
                  bool has_back, int64_t step, double lr, double beta1, double beta2, double eps,
                  double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
   if (params.empty()) return scalar_out(0, false);
@@ -805,7 +807,7 @@ void triad(const Tensor& a, const Tensor& b, const Tensor& c, double s) {
 // Adam's step counters (one-element fp32 CPU tensors, as torch.optim keeps them) advanced
 // by `delta` in one call instead of one op per tensor; returns (lowest, highest) new count,
 // so that the caller reads no counter when they agree (the common case).
-std::tuple<double, double> advance_steps(const std::vector<Tensor>& steps, double delta) {
+std::tuple<double, double> advance_steps(const TensorList& steps, double delta) {
   double lo = std::numeric_limits<double>::infinity(), hi = -lo;
   for (const auto& t : steps) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1,
@@ -818,6 +820,78 @@ std::tuple<double, double> advance_steps(const std::vector<Tensor>& steps, doubl
     hi = std::max(hi, double(*p));
   }
   return {lo, hi};
+}
+
+// ---------------------------------------------------------------------------------
+// Host helpers of the step plan (sharpopt/_host.py); they read parameters of any device.
+// ---------------------------------------------------------------------------------
+
+// The parameter at `item` of a parameter list, refused with a TypeError when not a tensor.
+const at::Tensor& param_at(PyObject* item) {
+  if (!THPVariable_Check(item)) throw py::type_error("sharpopt: a parameter list holds a non-tensor");
+  return THPVariable_Unpack(item);
+}
+
+// The parameters of the lists `groups` (one per param group) that have a gradient now: their
+// addresses in order, as bytes. Equal bytes mean the same parameters, in the same order,
+// have gradients (the caller's plan holds them, so no address is reused meanwhile).
+py::bytes grad_key(const py::list& groups) {
+  std::string out;
+  for (const py::handle& group : groups) {
+    PyObject* ps = group.ptr();
+    if (!PyList_Check(ps)) throw py::type_error("sharpopt: grad_key takes lists of parameters");
+    const Py_ssize_t n = PyList_GET_SIZE(ps);
+    out.reserve(out.size() + size_t(n) * sizeof(PyObject*));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(ps, i);
+      // The TensorImpl's own slot: Tensor::grad() would also warn for non-leaf tensors.
+      if (param_at(item).unsafeGetTensorImpl()->grad().defined())
+        out.append(reinterpret_cast<const char*>(&item), sizeof(item));
+    }
+  }
+  return py::bytes(out);
+}
+
+// [p.grad for p in params] (None where a parameter has none), without Python attribute
+// look-ups.
+py::list grads(const py::list& params) {
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  py::list out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& g = param_at(PyList_GET_ITEM(params.ptr(), i)).unsafeGetTensorImpl()->grad();
+    if (g.defined()) {
+      PyObject* obj = THPVariable_Wrap(g);
+      if (obj == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(out.ptr(), i, obj);        // steals the new reference
+    } else {
+      Py_INCREF(Py_None);
+      PyList_SET_ITEM(out.ptr(), i, Py_None);
+    }
+  }
+  return out;
+}
+
+// Bytes of one 8-byte value per entry of the list `xs` (tensors or None): the tensor's data
+// address (0 for None), or its element count. Keys of the triton backend's launch tables.
+template <class F>
+py::bytes per_entry(const py::list& xs, const F& value) {
+  const Py_ssize_t n = PyList_GET_SIZE(xs.ptr());
+  std::string out(size_t(n) * sizeof(int64_t), '\0');
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(xs.ptr(), i);
+    const int64_t v = item == Py_None ? 0 : value(param_at(item));
+    std::memcpy(&out[size_t(i) * sizeof(int64_t)], &v, sizeof(v));
+  }
+  return py::bytes(out);
+}
+
+// data_ptr() as Tensor.data_ptr() gives it (a copy-on-write tensor gets its own memory).
+py::bytes data_ptrs(const py::list& xs) {
+  return per_entry(xs, [](const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); });
+}
+
+py::bytes numels(const py::list& xs) {
+  return per_entry(xs, [](const at::Tensor& t) { return t.numel(); });
 }
 
 std::string isa() {
@@ -837,6 +911,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "vector instruction set this module was compiled for");
   m.def("triad", &triad, "a <- b + s * c (fp32), for bandwidth measurements");
   m.def("advance_steps", &advance_steps, "Adam step counters += delta; (lowest, highest)");
+  m.def("grad_key", &grad_key, "addresses of the parameters that have a gradient (bytes)");
+  m.def("grads", &grads, "[p.grad for p in params]");
+  m.def("data_ptrs", &data_ptrs, "data addresses of a tensor list (bytes, 0 for None)");
+  m.def("numels", &numels, "element counts of a tensor list (bytes)");
   m.def("sumsq", &sumsq);
   m.def("dot", &dot);
   m.def("perturb", &perturb);

@@ -15,10 +15,12 @@
 
 #include "cuda/sharpopt_cuda.h"
 #include "sharpopt_checks.h"
+#include "sharpopt_lists.h"
 
 namespace {
 
 using at::Tensor;
+using sharpopt::TensorList;
 using OptTensor = std::optional<Tensor>;
 namespace sc = sharpopt_cuda;
 
@@ -87,7 +89,7 @@ sc::DevScalar dev_scalar(double value, const OptTensor& t, const at::Device& dev
 
 void check(cudaError_t err) { C10_CUDA_CHECK(err); }
 
-Tensor sumsq(const std::vector<Tensor>& grads, const std::vector<Tensor>& params, bool adaptive,
+Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
              double eta, bool centralize, const std::vector<OptTensor>& row_means) {
   if (grads.empty()) return at::zeros({}, at::kFloat);
   check_list(grads, grads, "grads");
@@ -117,7 +119,7 @@ Tensor sumsq(const std::vector<Tensor>& grads, const std::vector<Tensor>& params
   return out;
 }
 
-Tensor dot(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
+Tensor dot(const TensorList& xs, const TensorList& ys) {
   if (xs.empty()) return at::zeros({}, at::kFloat);
   check_list(xs, xs, "xs");
   check_list(ys, xs, "ys");
@@ -140,8 +142,8 @@ float* found_ptr(const OptTensor& found_inf, const Tensor& like) {
   return sharpopt::found_inf_ptr(found_inf, like, "cuda");
 }
 
-void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-             const std::vector<Tensor>& saved, double scale, const OptTensor& scale_t,
+void perturb(const TensorList& params, const TensorList& grads,
+             const TensorList& saved, double scale, const OptTensor& scale_t,
              bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save,
              const OptTensor& found_inf) {
   if (params.empty()) return;
@@ -166,7 +168,7 @@ void perturb(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
                     found_ptr(found_inf, params[0]), c10::cuda::getCurrentCUDAStream()));
 }
 
-void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved) {
+void restore(const TensorList& params, const TensorList& saved) {
   if (params.empty()) return;
   check_list(params, params, "params");
   check_list(saved, params, "saved");
@@ -177,7 +179,7 @@ void restore(const std::vector<Tensor>& params, const std::vector<Tensor>& saved
                     c10::cuda::getCurrentCUDAStream()));
 }
 
-void lincomb(const std::vector<Tensor>& out, const std::vector<std::vector<Tensor>>& xs,
+void lincomb(const TensorList& out, const std::vector<TensorList>& xs,
              const std::vector<double>& coefs, const std::vector<OptTensor>& coef_tensors) {
   const int K = int(xs.size());
   TORCH_CHECK(K >= 1 && K <= 3 && coefs.size() == size_t(K),
@@ -201,8 +203,8 @@ void lincomb(const std::vector<Tensor>& out, const std::vector<std::vector<Tenso
                     c10::cuda::getCurrentCUDAStream()));
 }
 
-void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
-                 const std::vector<Tensor>& grads, const std::vector<Tensor>& bufs, double lr,
+void restore_sgd(const TensorList& params, const TensorList& saved, bool has_saved,
+                 const TensorList& grads, const TensorList& bufs, double lr,
                  double weight_decay, double momentum, double dampening, bool nesterov,
                  bool maximize, bool init_buffers, const OptTensor& found_inf) {
   if (params.empty()) return;
@@ -224,9 +226,9 @@ void restore_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& s
                         c10::cuda::getCurrentCUDAStream()));
 }
 
-void restore_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& saved, bool has_saved,
-                  const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
-                  const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& max_exp_avg_sqs,
+void restore_adam(const TensorList& params, const TensorList& saved, bool has_saved,
+                  const TensorList& grads, const TensorList& exp_avgs,
+                  const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs,
                   int64_t step, double lr, double beta1, double beta2, double eps,
                   double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                   const OptTensor& found_inf) {
@@ -265,8 +267,8 @@ sc::DevScalar msam_back_scalar(double back, const OptTensor& back_t, bool has_ba
 
 // MSAM's fused step (see sharpopt.backends.base.Ops.msam_sgd / msam_adam); returns the
 // sum of squares of the updated momentum as a 0-dim device tensor.
-Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-                const std::vector<Tensor>& bufs, double back, const OptTensor& back_t,
+Tensor msam_sgd(const TensorList& params, const TensorList& grads,
+                const TensorList& bufs, double back, const OptTensor& back_t,
                 bool has_back, double lr, double weight_decay, double momentum, double dampening,
                 bool nesterov, bool maximize, bool init_buffers) {
   if (params.empty()) return at::zeros({}, at::kFloat);
@@ -295,9 +297,9 @@ Tensor msam_sgd(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   return out;
 }
 
-Tensor msam_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
-                 const std::vector<Tensor>& max_exp_avg_sqs, double back, const OptTensor& back_t,
+Tensor msam_adam(const TensorList& params, const TensorList& grads,
+                 const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
+                 const TensorList& max_exp_avg_sqs, double back, const OptTensor& back_t,
                  bool has_back, int64_t step, double lr, double beta1, double beta2, double eps,
                  double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
   if (params.empty()) return at::zeros({}, at::kFloat);

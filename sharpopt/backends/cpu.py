@@ -27,7 +27,13 @@ def _scalar(s: Scalar) -> Tuple[float, Optional[Tensor]]:
 
 
 def _opt(row_means: Optional[Sequence[Optional[Tensor]]]) -> List[Optional[Tensor]]:
-    return [] if row_means is None else list(row_means)
+    return [] if row_means is None else _seq(row_means)
+
+
+def _seq(xs: Sequence) -> Sequence:
+    """``xs`` as the extension takes it: a list or tuple as it is (read in place, no copy),
+    any other iterable copied into a list."""
+    return xs if isinstance(xs, (list, tuple)) else list(xs)
 
 
 class CpuOps(Ops):
@@ -43,35 +49,35 @@ class CpuOps(Ops):
         return torch.device(device).type == "cpu"
 
     def sumsq(self, grads, params, *, adaptive, eta, centralize, row_means=None) -> Tensor:
-        return self._ext.sumsq(list(grads), list(params) if adaptive else [], bool(adaptive),
+        return self._ext.sumsq(_seq(grads), _seq(params) if adaptive else [], bool(adaptive),
                                float(eta), bool(centralize), _opt(row_means))
 
     def dot(self, xs, ys) -> Tensor:
-        return self._ext.dot(list(xs), list(ys))
+        return self._ext.dot(_seq(xs), _seq(ys))
 
     def perturb(self, params, grads, saved, scale, *, adaptive, eta, row_means=None,
                 save=True, found_inf=None) -> None:
         value, tensor = _scalar(scale)
-        self._ext.perturb(list(params), list(grads), list(saved), value, tensor, bool(adaptive),
+        self._ext.perturb(_seq(params), _seq(grads), _seq(saved), value, tensor, bool(adaptive),
                           float(eta), _opt(row_means), bool(save), found_inf)
 
     def restore(self, params, saved) -> None:
-        self._ext.restore(list(params), list(saved))
+        self._ext.restore(_seq(params), _seq(saved))
 
     def lincomb(self, out, xs, coefs) -> None:
         if not 1 <= len(xs) <= 3 or len(xs) != len(coefs):
             raise ValueError("lincomb takes 1 to 3 terms with one coefficient each")
         split = [_scalar(c) for c in coefs]
         tensors = [t for _, t in split]
-        self._ext.lincomb(list(out), [list(x) for x in xs], [v for v, _ in split],
+        self._ext.lincomb(_seq(out), [_seq(x) for x in xs], [v for v, _ in split],
                           tensors if any(t is not None for t in tensors) else [])
 
     def restore_sgd(self, params, saved, grads, momentum_buffers, *, lr, weight_decay,
                     momentum, dampening, nesterov, maximize, init_buffers,
                     found_inf=None) -> None:
         self._ext.restore_sgd(
-            list(params), [] if saved is None else list(saved), saved is not None, list(grads),
-            list(momentum_buffers) if momentum != 0 else [], float(lr), float(weight_decay),
+            _seq(params), [] if saved is None else _seq(saved), saved is not None, _seq(grads),
+            _seq(momentum_buffers) if momentum != 0 else [], float(lr), float(weight_decay),
             float(momentum), float(dampening), bool(nesterov), bool(maximize),
             bool(init_buffers), found_inf)
 
@@ -79,8 +85,8 @@ class CpuOps(Ops):
                      step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
                      maximize, found_inf=None) -> None:
         self._ext.restore_adam(
-            list(params), [] if saved is None else list(saved), saved is not None, list(grads),
-            list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
+            _seq(params), [] if saved is None else _seq(saved), saved is not None, _seq(grads),
+            _seq(exp_avgs), _seq(exp_avg_sqs), _seq(max_exp_avg_sqs) if amsgrad else [],
             int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(decoupled), bool(amsgrad), bool(maximize), found_inf)
 
@@ -88,7 +94,7 @@ class CpuOps(Ops):
                  dampening, nesterov, maximize, init_buffers) -> Tensor:
         value, tensor = _scalar(0.0 if back is None else back)
         return self._ext.msam_sgd(
-            list(params), list(grads), list(momentum_buffers), value, tensor, back is not None,
+            _seq(params), _seq(grads), _seq(momentum_buffers), value, tensor, back is not None,
             float(lr), float(weight_decay), float(momentum), float(dampening), bool(nesterov),
             bool(maximize), bool(init_buffers))
 
@@ -96,8 +102,8 @@ class CpuOps(Ops):
                   lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> Tensor:
         value, tensor = _scalar(0.0 if back is None else back)
         return self._ext.msam_adam(
-            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-            list(max_exp_avg_sqs) if amsgrad else [], value, tensor, back is not None,
+            _seq(params), _seq(grads), _seq(exp_avgs), _seq(exp_avg_sqs),
+            _seq(max_exp_avg_sqs) if amsgrad else [], value, tensor, back is not None,
             int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(decoupled), bool(amsgrad), bool(maximize))
 

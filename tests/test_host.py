@@ -1,0 +1,156 @@
+"""The host helpers of a step (``sharpopt._host``) and the extensions' list arguments.
+
+Rules checked:
+* each C++ helper gives what its Python fallback gives (which parameters have a gradient,
+  ``p.grad`` of each, data addresses, element counts), and a key changes exactly when
+  what it stands for changes;
+* the bindings read list arguments without taking or dropping a reference of any tensor
+  (a borrowed handle that was released, or one released twice, shows in the counts), take
+  tuples as lists, refuse a non-tensor entry with a TypeError, and keep working on
+  tensors held only by the argument list.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from sharpopt import _host
+from conftest import REQUIRED, require_backend
+
+
+@pytest.fixture
+def ext():
+    """The loaded helpers (the prebuilt extension, or the cpu backend's own build)."""
+    require_backend("cpu")
+    mod = _host._ext()
+    if mod is None:
+        if "cpu" in REQUIRED:
+            pytest.fail("the cpu extension is required but has no host helpers (rebuild it)")
+        pytest.skip("the loaded cpu extension predates the host helpers")
+    return mod
+
+
+@pytest.fixture
+def python_only(monkeypatch):
+    monkeypatch.setattr(_host, "_ext", lambda: None)
+
+
+def _params(n=7, with_grad=(0, 2, 3, 6)):
+    ps = [torch.nn.Parameter(torch.randn(i + 1)) for i in range(n)]
+    for i in with_grad:
+        ps[i].grad = torch.randn_like(ps[i])
+    return ps
+
+
+def test_grad_key_changes_exactly_when_the_gradient_set_changes(ext):
+    ps = _params()
+    groups = [ps[:4], ps[4:]]
+    key = _host.grad_key(groups)
+    assert _host.grad_key(groups) == key
+    ps[2].grad = torch.randn_like(ps[2])          # a new gradient tensor: same parameters
+    assert _host.grad_key(groups) == key
+    ps[5].grad = torch.zeros_like(ps[5])          # a gradient appears
+    assert _host.grad_key(groups) != key
+    ps[5].grad = None
+    assert _host.grad_key(groups) == key
+    ps[0].grad = None                             # one disappears
+    assert _host.grad_key(groups) != key
+    ps[0].grad = torch.zeros_like(ps[0])
+    assert _host.grad_key([ps[4:], ps[:4]]) != key   # another order
+
+
+def test_grad_key_matches_the_python_fallback(ext, monkeypatch):
+    ps = _params()
+    groups = [ps[:3], ps[3:]]
+    fast = _host.grad_key(groups)
+    monkeypatch.setattr(_host, "_ext", lambda: None)
+    slow = _host.grad_key(groups)
+    addresses = [int.from_bytes(fast[i:i + 8], sys.byteorder) for i in range(0, len(fast), 8)]
+    assert addresses == slow == [id(p) for p in ps if p.grad is not None]
+
+
+def test_grad_key_of_a_group_that_is_not_a_list_falls_back(ext):
+    ps = _params()
+    assert _host.grad_key([tuple(ps)]) == [id(p) for p in ps if p.grad is not None]
+
+
+@pytest.mark.parametrize("path", ["ext", "python"])
+def test_grads_are_the_parameters_gradient_objects(path, request):
+    request.getfixturevalue("ext" if path == "ext" else "python_only")
+    ps = _params()
+    got = _host.grads(ps)
+    assert len(got) == len(ps)
+    for i, (p, g) in enumerate(zip(ps, got)):
+        assert g is p.grad, f"entry {i}: not p.grad"
+
+
+def test_grads_take_and_give_back_one_reference_each(ext):
+    ps = _params()
+    before = [sys.getrefcount(p.grad) for p in ps if p.grad is not None]
+    for _ in range(50):
+        got = _host.grads(ps)
+        del got
+    after = [sys.getrefcount(p.grad) for p in ps if p.grad is not None]
+    assert after == before
+
+
+def test_grads_refuse_a_non_tensor(ext):
+    with pytest.raises(TypeError, match="non-tensor"):
+        ext.grads([torch.zeros(1), "w"])
+
+
+@pytest.mark.parametrize("path", ["ext", "python"])
+def test_addresses_and_counts(path, request):
+    request.getfixturevalue("ext" if path == "ext" else "python_only")
+    ts = [torch.zeros(5), None, torch.zeros(3, 4)]
+    again = [ts[0], None, ts[2]]
+    assert _host.data_ptrs(ts) == _host.data_ptrs(again)
+    moved = [ts[0], None, torch.zeros(3, 4)]
+    assert _host.data_ptrs(moved) != _host.data_ptrs(ts)
+    assert _host.data_ptrs(None) is None
+    dense = [t for t in ts if t is not None]
+    assert _host.numels(dense) == _host.numels([torch.empty(5), torch.empty(12)])
+    assert _host.numels(dense) != _host.numels([torch.empty(5), torch.empty(13)])
+    if path == "ext":
+        raw = _host.data_ptrs(ts)
+        values = [int.from_bytes(raw[i:i + 8], sys.byteorder) for i in range(0, len(raw), 8)]
+        assert values == [ts[0].data_ptr(), 0, ts[2].data_ptr()]
+
+
+def test_list_arguments_leave_every_reference_count_as_it_was(ext):
+    ops = require_backend("cpu")
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (1, 17, 300)]
+    saved = [torch.randn_like(p) for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    everything = params + saved + grads + bufs
+    before = [sys.getrefcount(t) for t in everything]
+    for _ in range(20):
+        ops.restore_sgd(params, saved, grads, bufs, lr=0.1, weight_decay=0.0, momentum=0.9,
+                        dampening=0.0, nesterov=False, maximize=False, init_buffers=False)
+        ops.lincomb(saved, [saved, grads], [1.0, 0.0])
+        ops.sumsq(grads, params, adaptive=True, eta=0.01, centralize=False)
+    after = [sys.getrefcount(t) for t in everything]
+    assert after == before
+
+
+def test_a_tuple_is_a_list_and_a_non_tensor_entry_is_refused(ext):
+    ops = require_backend("cpu")
+    w = [torch.zeros(5), torch.zeros(2)]
+    saved = (torch.arange(5.0), torch.ones(2))
+    ops.restore(tuple(w), saved)
+    assert torch.equal(w[0], saved[0]) and torch.equal(w[1], saved[1])
+    with pytest.raises(TypeError):
+        ops._ext.restore([torch.zeros(5), 3.0], [torch.zeros(5), torch.zeros(1)])
+
+
+def test_tensors_held_only_by_the_argument_list(ext):
+    ops = require_backend("cpu")
+    # The lists are the only owners while the call runs; the result must be right and
+    # nothing may be freed early or twice (the interpreter would crash or the sum differ).
+    for _ in range(20):
+        total = ops.sumsq([torch.full((n,), 2.0) for n in (3, 1000, 7)], [], adaptive=False,
+                          eta=0.0, centralize=False)
+        assert float(total) == 4.0 * 1010
