@@ -16,10 +16,13 @@ it times, interleaved round-robin and reported as the median (with best and spre
 * torch's own *single* base step for comparison: ``SGD``/``AdamW`` with ``fused=True``
   and with ``foreach=True``.
 
+The steps are timed round-robin, so each starts with the caches and branch predictors
+other code left (as a training step does, after a backward pass); ``--back-to-back`` times
+each step's samples in a row instead, which gives the lower bound with everything warm.
 The figure is µs per tensor (median time / tensor count). A SAM step is two optimizer
 passes to torch's one, so "no more than torch's fused single step" is a demanding bar.
 
-    python -m bench.bench_host [--tensors 160,1200] [--repeat 200] [--json FILE]
+    python -m bench.bench_host [--tensors 160,1200] [--repeat 200] [--back-to-back] [--json FILE]
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -126,9 +130,12 @@ def steps(n: int, base: str, device: torch.device) -> Dict[str, Callable[[], Non
 
 
 def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu"),
-        warmup: int = 20) -> Dict[str, dict]:
+        warmup: int = 20, back_to_back: bool = False) -> Dict[str, dict]:
     """Per step name: µs per tensor (median, best, quartiles) over ``repeat`` samples,
-    taken round-robin (on CUDA each sample ends with a synchronisation)."""
+    taken round-robin (on CUDA each sample ends with a synchronisation), or with
+    ``back_to_back`` all samples of one step in a row: the caches and branch predictors
+    then hold that step's own objects and code (the host cost's lower bound; a training
+    step follows a backward pass, closer to the round-robin figure)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fns = steps(n, base, device)
     for fn in fns.values():
@@ -136,13 +143,16 @@ def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu
             fn()
     times: Dict[str, List[float]] = {k: [] for k in fns}
     names = list(fns)
-    for r in range(repeat):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            sync()
-            t0 = time.perf_counter()
-            fns[k]()
-            sync()
-            times[k].append(time.perf_counter() - t0)
+    if back_to_back:
+        order = [k for k in names for _ in range(repeat)]
+    else:
+        order = [k for r in range(repeat) for k in names[r % len(names):] + names[:r % len(names)]]
+    for k in order:
+        sync()
+        t0 = time.perf_counter()
+        fns[k]()
+        sync()
+        times[k].append(time.perf_counter() - t0)
     out = {}
     for k, ts in times.items():
         q = statistics.quantiles(ts, n=4)
@@ -152,26 +162,29 @@ def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu
     return out
 
 
-def host_table(device: torch.device, tensors=(160, 1200), repeat: int = 100, log=print) -> dict:
+def host_table(device: torch.device, tensors=(160, 1200), repeat: int = 100, log=print,
+               threads: int = 1, back_to_back: bool = False) -> dict:
     """The host-cost table of ``python -m bench``: every count and base, printed. Runs on
-    one thread (restored after): with one-element tensors a thread pool only adds its own
-    start-up cost to every pass."""
+    ``threads`` torch threads (restored after; default one: with one-element tensors a
+    thread pool only adds its own start-up cost to every pass)."""
     results = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        results = _host_table(device, tensors, repeat, log)
+        results = _host_table(device, tensors, repeat, log, back_to_back)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return results
 
 
-def _host_table(device: torch.device, tensors, repeat: int, log) -> dict:
+def _host_table(device: torch.device, tensors, repeat: int, log, back_to_back: bool) -> dict:
     results = {}
+    how = "back to back" if back_to_back else "round-robin"
     for n in tensors:
         for base in BASES:
-            res = results[f"{n} tensors, {base}"] = run(n, base, repeat, device)
-            log(f"host cost, {n} one-element tensors, base {base}: µs per tensor "
+            res = results[f"{n} tensors, {base}"] = run(n, base, repeat, device,
+                                                         back_to_back=back_to_back)
+            log(f"host cost, {n} one-element tensors, base {base}, {how}: µs per tensor "
                 "(median, best, q25-q75)")
             for k, v in res.items():
                 log(f"  {k:58s} {v['median_us_per_tensor']:6.2f}  {v['best_us_per_tensor']:6.2f}"
@@ -185,18 +198,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: the host path, not the thread pool, is timed)")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="time all samples of one step in a row instead of round-robin "
+                         "(warm caches: the lower bound of the host cost)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        ap.error("--threads must be >= 1")
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": "python -m bench.bench_host " + " ".join(argv or []),
+              "command": "python -m bench.bench_host "
+                         + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": platform.machine(), "processor": platform.processor(),
               "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-              "sharpopt": sharpopt.__version__, "results": {}}
+              "sharpopt": sharpopt.__version__, "back_to_back": args.back_to_back,
+              "results": {}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record["device"] = str(device)
     record["results"] = host_table(device, [int(x) for x in args.tensors.split(",")],
-                                   args.repeat)
+                                   args.repeat, threads=args.threads,
+                                   back_to_back=args.back_to_back)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
