@@ -39,7 +39,7 @@ is the ceiling (as STREAM reports), and ``%triad`` is a provider's byte-model GB
 
 Host cost (:mod:`bench.bench_host`, ``--no-host`` skips it): the public SAM step on 160 and
 1200 one-element tensors, so that only the host's work is timed, in µs per tensor next to
-torch's fused and foreach single steps.
+torch's fused and foreach single steps (printed, in the JSON, and as the chart's last panels).
 
 MSAM (one gradient per step, no second pass) gets its own table after the cases
 (:mod:`bench.bench_msam`): its fused step on every backend next to torch.optim's plain step,

@@ -111,44 +111,26 @@ def write_json(result: dict, path: str) -> None:
 
 
 def plot(result: dict, path: str) -> None:
-    """One panel per case: GB/s of each provider, with the copy and triad ceilings."""
+    """One panel per case (GB/s of each provider, with the copy and triad ceilings), then
+    one per host-cost table (µs per tensor of each step, see :mod:`bench.bench_host`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = result["cases"]
-    if not cases:
+    host = result.get("host_us_per_tensor") or {}
+    panels = len(cases) + len(host)
+    if not panels:
         return
-    ncol = min(2, len(cases))
-    nrow = (len(cases) + ncol - 1) // ncol
+    ncol = min(2, panels)
+    nrow = (panels + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(7.5 * ncol, 3.2 * nrow), squeeze=False)
-    bw = result["bandwidth"]
-    for ax, c in zip(axes.flat, cases):
-        rows = [r for r in c["rows"] if "ms" in r]
-        names = [r["provider"] for r in rows]
-        gbs = [r["gbs"] for r in rows]
-        lo = [r["gbs"] - c["model_bytes_per_param"] * c["n_params"] / (r["ms"]["q75"] / 1e3) / 1e9
-              for r in rows]
-        hi = [c["model_bytes_per_param"] * c["n_params"] / (r["ms"]["q25"] / 1e3) / 1e9 - r["gbs"]
-              for r in rows]
-        colors = ["#4c72b0" if n.startswith("sharpopt") else "#999999" for n in names]
-        y = range(len(rows))
-        ax.barh(y, gbs, xerr=[lo, hi], color=colors, capsize=2)
-        for yi, r, h in zip(y, rows, hi):
-            ax.text(r["gbs"] + h, yi, f"  {r['ms']['median']:.1f} ms ({r.get('speedup', 1):.1f}x)",
-                    va="center", fontsize=7)
-        ax.axvline(bw["triad"]["best_gbs"], color="#c44e52", ls="--", lw=1, label="triad")
-        ax.axvline(bw["copy"]["best_gbs"], color="#dd8452", ls=":", lw=1, label="copy")
-        ax.set_yticks(list(y))
-        ax.set_yticklabels(names, fontsize=8)
-        ax.invert_yaxis()
-        base = "" if c["algo"] == "rbo" else f" + {c['base']}"
-        ax.set_title(f"{c['title']} {c['dtype']}, {c['algo']}{base} "
-                     f"({c['model_bytes_per_param']:g} B/param)", fontsize=9)
-        ax.set_xlabel("GB/s (byte model / median step time; bars: IQR)", fontsize=8)
-        ax.set_xlim(0, max(gbs + [bw["triad"]["best_gbs"], bw["copy"]["best_gbs"]]) * 1.35)
-        ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(cases):]:
+    flat = list(axes.flat)
+    for ax, c in zip(flat, cases):
+        _case_panel(ax, c, result["bandwidth"])
+    for ax, (title, rows) in zip(flat[len(cases):], host.items()):
+        _host_panel(ax, title, rows)
+    for ax in flat[panels:]:
         ax.axis("off")
     m = result["machine"]
     fig.suptitle(f"sharpopt step benchmark: {m['device_name']}, {m['threads']} threads, "
@@ -156,3 +138,51 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _case_panel(ax, c: dict, bw: dict) -> None:
+    rows = [r for r in c["rows"] if "ms" in r]
+    names = [r["provider"] for r in rows]
+    gbs = [r["gbs"] for r in rows]
+    lo = [r["gbs"] - c["model_bytes_per_param"] * c["n_params"] / (r["ms"]["q75"] / 1e3) / 1e9
+          for r in rows]
+    hi = [c["model_bytes_per_param"] * c["n_params"] / (r["ms"]["q25"] / 1e3) / 1e9 - r["gbs"]
+          for r in rows]
+    colors = ["#4c72b0" if n.startswith("sharpopt") else "#999999" for n in names]
+    y = range(len(rows))
+    ax.barh(y, gbs, xerr=[lo, hi], color=colors, capsize=2)
+    for yi, r, h in zip(y, rows, hi):
+        ax.text(r["gbs"] + h, yi, f"  {r['ms']['median']:.1f} ms ({r.get('speedup', 1):.1f}x)",
+                va="center", fontsize=7)
+    ax.axvline(bw["triad"]["best_gbs"], color="#c44e52", ls="--", lw=1, label="triad")
+    ax.axvline(bw["copy"]["best_gbs"], color="#dd8452", ls=":", lw=1, label="copy")
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    base = "" if c["algo"] == "rbo" else f" + {c['base']}"
+    ax.set_title(f"{c['title']} {c['dtype']}, {c['algo']}{base} "
+                 f"({c['model_bytes_per_param']:g} B/param)", fontsize=9)
+    ax.set_xlabel("GB/s (byte model / median step time; bars: IQR)", fontsize=8)
+    ax.set_xlim(0, max(gbs + [bw["triad"]["best_gbs"], bw["copy"]["best_gbs"]]) * 1.35)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _host_panel(ax, title: str, rows: dict) -> None:
+    """Median µs per tensor of each step (bars: q25-q75), on a log scale: the reference
+    is two orders of magnitude above the fused steps."""
+    names = list(rows)
+    med = [rows[n]["median_us_per_tensor"] for n in names]
+    lo = [m - rows[n]["q25_us_per_tensor"] for m, n in zip(med, names)]
+    hi = [rows[n]["q75_us_per_tensor"] - m for m, n in zip(med, names)]
+    colors = ["#4c72b0" if n.startswith("sharpopt") else "#999999" for n in names]
+    y = range(len(names))
+    ax.barh(y, med, xerr=[lo, hi], color=colors, capsize=2)
+    for yi, m, h in zip(y, med, hi):
+        ax.text(m + h, yi, f"  {m:.2f}", va="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(f"host cost: {title} (one element each; SAM = both passes)", fontsize=9)
+    ax.set_xlabel("µs per tensor (median; bars: q25-q75; log scale)", fontsize=8)
+    ax.set_xlim(min(med) / 2, max(med) * 4)
