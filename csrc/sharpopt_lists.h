@@ -62,14 +62,20 @@ struct TensorList : std::vector<at::Tensor> {
   }
 };
 
+// A list whose entries may also be None (an undefined tensor), such as the row means of
+// gradient centralisation (None for a tensor with dim <= 1).
+struct OptionalTensorList : TensorList {};
+
 }  // namespace sharpopt
 
 namespace pybind11 {
 namespace detail {
 
-template <>
-struct type_caster<sharpopt::TensorList> {
-  PYBIND11_TYPE_CASTER(sharpopt::TensorList, const_name("List[torch.Tensor]"));
+// Reads a Python list or tuple in place into a borrowing list (see TensorList).
+template <class List, bool kNone>
+struct borrowing_list_caster {
+  PYBIND11_TYPE_CASTER(List, const_name<kNone>("List[Optional[torch.Tensor]]",
+                                               "List[torch.Tensor]"));
 
   bool load(handle src, bool /*convert*/) {
     PyObject* obj = src.ptr();
@@ -80,6 +86,10 @@ struct type_caster<sharpopt::TensorList> {
     value.reserve(size_t(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = is_list ? PyList_GET_ITEM(obj, i) : PyTuple_GET_ITEM(obj, i);
+      if (kNone && item == Py_None) {
+        value.emplace_back();
+        continue;
+      }
       if (!THPVariable_Check(item)) return false;
       value.borrow(item);
     }
@@ -88,6 +98,13 @@ struct type_caster<sharpopt::TensorList> {
   }
   // Never returned to Python: a TensorList only borrows.
 };
+
+template <>
+struct type_caster<sharpopt::TensorList> : borrowing_list_caster<sharpopt::TensorList, false> {};
+
+template <>
+struct type_caster<sharpopt::OptionalTensorList>
+    : borrowing_list_caster<sharpopt::OptionalTensorList, true> {};
 
 }  // namespace detail
 }  // namespace pybind11

@@ -121,19 +121,23 @@ def test_addresses_and_counts(path, request):
 
 def test_list_arguments_leave_every_reference_count_as_it_was(ext):
     ops = require_backend("cpu")
-    params = [torch.nn.Parameter(torch.randn(n)) for n in (1, 17, 300)]
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((1,), (17,), (30, 10))]
     saved = [torch.randn_like(p) for p in params]
     grads = [torch.randn_like(p) for p in params]
     bufs = [torch.zeros_like(p) for p in params]
-    everything = params + saved + grads + bufs
+    means = [None, None, torch.empty(30)]      # a list whose entries may be None
+    everything = params + saved + grads + bufs + means[2:]
     before = [sys.getrefcount(t) for t in everything]
     for _ in range(20):
         ops.restore_sgd(params, saved, grads, bufs, lr=0.1, weight_decay=0.0, momentum=0.9,
                         dampening=0.0, nesterov=False, maximize=False, init_buffers=False)
         ops.lincomb(saved, [saved, grads], [1.0, 0.0])
         ops.sumsq(grads, params, adaptive=True, eta=0.01, centralize=False)
+        ops.sumsq(grads, params, adaptive=False, eta=0.0, centralize=True, row_means=means)
+        ops.perturb(params, grads, saved, 0.0, adaptive=False, eta=0.0, row_means=means)
     after = [sys.getrefcount(t) for t in everything]
     assert after == before
+    torch.testing.assert_close(means[2], grads[2].mean(dim=1), msg="row means of grads[2]")
 
 
 def test_a_tuple_is_a_list_and_a_non_tensor_entry_is_refused(ext):

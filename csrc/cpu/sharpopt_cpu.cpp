@@ -298,9 +298,9 @@ void check_dtype(const std::vector<Tensor>& ts) {
 using OptTensor = std::optional<Tensor>;
 
 // The row-mean buffer of tensor i, or null when it has none.
-float* row_means_ptr(const std::vector<OptTensor>& rm, size_t i, const Tensor& g) {
-  if (rm.empty() || !rm[i].has_value() || !rm[i]->defined()) return nullptr;
-  const Tensor& m = *rm[i];
+float* row_means_ptr(const std::vector<Tensor>& rm, size_t i, const Tensor& g) {
+  if (rm.empty() || !rm[i].defined()) return nullptr;
+  const Tensor& m = rm[i];
   TORCH_CHECK(g.dim() > 1, "sharpopt cpu: row_means[", i, "] given for a tensor with dim <= 1");
   sharpopt::check_rows(g, "cpu", i);
   TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
@@ -327,7 +327,7 @@ double sum_partials(const std::vector<double>& p) {
 // squares (no cancellation, and a row is small enough to be read again from cache).
 // ---------------------------------------------------------------------------------
 Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
-             double eta, bool centralize, const std::vector<OptTensor>& row_means) {
+             double eta, bool centralize, const sharpopt::OptionalTensorList& row_means) {
   if (grads.empty()) return scalar_out(0, false);
   check_dtype(grads);
   check_list(grads, grads, "grads");
@@ -452,7 +452,7 @@ void restore(const TensorList& params, const TensorList& saved);
 // ---------------------------------------------------------------------------------
 void perturb(const TensorList& params, const TensorList& grads,
              const TensorList& saved, double scale, const OptTensor& scale_t,
-             bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save,
+             bool adaptive, double eta, const sharpopt::OptionalTensorList& row_means, bool save,
              const OptTensor& found_inf) {
   if (params.empty()) return;
   check_dtype(params);

@@ -51,9 +51,9 @@ std::vector<int64_t> numels(const std::vector<Tensor>& ts) {
 }
 
 // The row-mean buffer of tensor i (or null), checked against the gradient's first dim.
-float* row_means_ptr(const std::vector<OptTensor>& rm, size_t i, const Tensor& g) {
-  if (rm.empty() || !rm[i].has_value() || !rm[i]->defined()) return nullptr;
-  const Tensor& m = *rm[i];
+float* row_means_ptr(const std::vector<Tensor>& rm, size_t i, const Tensor& g) {
+  if (rm.empty() || !rm[i].defined()) return nullptr;
+  const Tensor& m = rm[i];
   TORCH_CHECK(g.dim() > 1, "sharpopt cuda: row_means[", i, "] given for a tensor with dim <= 1");
   sharpopt::check_rows(g, "cuda", i);
   TORCH_CHECK(m.device() == g.device() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
@@ -90,7 +90,7 @@ sc::DevScalar dev_scalar(double value, const OptTensor& t, const at::Device& dev
 void check(cudaError_t err) { C10_CUDA_CHECK(err); }
 
 Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
-             double eta, bool centralize, const std::vector<OptTensor>& row_means) {
+             double eta, bool centralize, const sharpopt::OptionalTensorList& row_means) {
   if (grads.empty()) return at::zeros({}, at::kFloat);
   check_list(grads, grads, "grads");
   if (adaptive) check_list(params, grads, "params");
@@ -104,7 +104,7 @@ Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
     const Tensor& g = grads[i];
     means[i] = row_means_ptr(row_means, i, g);
     if (g.dim() > 1 && (centralize || means[i]) && g.numel() > 0) row_len[i] = g.numel() / g.size(0);
-    if (means[i] && g.numel() == 0) row_means[i]->fill_(std::numeric_limits<float>::quiet_NaN());
+    if (means[i] && g.numel() == 0) row_means[i].fill_(std::numeric_limits<float>::quiet_NaN());
   }
   const auto g_ptrs = ptrs(grads);
   const auto w_ptrs = adaptive ? ptrs(params) : std::vector<void*>(n, nullptr);
@@ -144,7 +144,7 @@ float* found_ptr(const OptTensor& found_inf, const Tensor& like) {
 
 void perturb(const TensorList& params, const TensorList& grads,
              const TensorList& saved, double scale, const OptTensor& scale_t,
-             bool adaptive, double eta, const std::vector<OptTensor>& row_means, bool save,
+             bool adaptive, double eta, const sharpopt::OptionalTensorList& row_means, bool save,
              const OptTensor& found_inf) {
   if (params.empty()) return;
   check_list(params, params, "params");
