@@ -24,9 +24,10 @@ plan built or used while the current stream captures is kept for the rest of the
 process (``release_captured_plans`` drops them once the graphs are gone); the others
 live in a ``CACHE_SIZE`` LRU, and a table used on another stream than its own is
 recorded on that stream (``Tensor.record_stream``), so evicting it never frees memory a
-kernel still reads. A plan missed during a capture (new gradient tensors allocated in the
-graph's pool, for example) is uploaded from a pinned host buffer kept with the plan,
-with an asynchronous copy that the graph records and repeats on every replay.
+kernel still reads. Every CUDA table is uploaded from a pinned host buffer kept with the
+plan, by an asynchronous copy: building a plan never synchronises the stream, and a plan
+missed during a capture (new gradient tensors allocated in the graph's pool, for example)
+becomes a copy that the graph records and repeats on every replay.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class Launch(NamedTuple):
     first: int        # index of this launch's first program among all of the plan's
     aligned: bool     # every address is 16-byte aligned: vector loads are safe
     cols: int         # column tile of a row plan, 0 for a flat plan
-    host: Optional[Tensor] = None  # pinned source of a table uploaded during a capture
+    host: Optional[Tensor] = None  # pinned source of a CUDA table (the copy reads it)
 
 
 class Plan(NamedTuple):
@@ -298,21 +299,25 @@ def _table(lists, tensors, blocks, first, cols, device, capturing) -> Launch:
     for local, start in blocks:
         words += [local, start]
     host = torch.tensor(words, dtype=torch.int64)
-    if device.type == "cuda" and capturing:
-        # A blocking copy from pageable memory cannot be captured; an asynchronous one
-        # from pinned memory becomes a node of the graph, which reads the buffer again on
-        # every replay, so the buffer lives as long as the plan.
-        try:
-            host = host.pin_memory()
-            table = host.to(device, non_blocking=True)
-        except RuntimeError as exc:
-            raise RuntimeError(
-                "sharpopt triton backend: could not upload a launch table during a CUDA-"
-                "graph capture; run one eager step with the same tensors (parameters, "
-                "gradients and state at the addresses the capture uses) before capturing"
-            ) from exc
-        return Launch(table, len(tensors), len(blocks), first, aligned, cols, host)
-    return Launch(host.to(device), len(tensors), len(blocks), first, aligned, cols)
+    if device.type != "cuda":            # the interpreter reads the host tensor itself
+        return Launch(host.to(device), len(tensors), len(blocks), first, aligned, cols)
+    # Pinned and copied without waiting: an asynchronous DMA that needs no stream
+    # synchronisation (a blocking copy, or one from pageable memory, would add one to every
+    # step that builds a plan; during a CUDA-graph capture it could not be captured at all).
+    # The pinned buffer stays with the launch: the copy may still read it after this
+    # returns, and a captured copy reads it again on every replay.
+    try:
+        host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+    except RuntimeError as exc:
+        if not capturing:
+            raise
+        raise RuntimeError(
+            "sharpopt triton backend: could not upload a launch table during a CUDA-"
+            "graph capture; run one eager step with the same tensors (parameters, "
+            "gradients and state at the addresses the capture uses) before capturing"
+        ) from exc
+    return Launch(table, len(tensors), len(blocks), first, aligned, cols, host)
 
 
 def scalar(s, device) -> Tuple[Optional[Tensor], float]:

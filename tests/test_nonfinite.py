@@ -485,6 +485,38 @@ def test_default_gpu_step_never_synchronises(gpu_backend, base):
 
 
 @needs_gpu
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+def test_new_gradient_tensors_every_pass_never_synchronise(gpu_backend):
+    """``zero_grad(set_to_none=True)`` gives every backward new gradient tensors, at new
+    addresses once the old ones are still held: the triton backend then builds new launch
+    tables, whose upload must not synchronise either (nor may the cuda backend's)."""
+    require_backend(gpu_backend, torch.device("cuda"))
+    ps, opt = _gpu_setup(gpu_backend)
+    keep = []                    # hold the old gradients: the new ones get new addresses
+
+    def step():
+        for p in ps:
+            keep.append(p.grad)
+            p.grad = torch.randn_like(p)
+        opt.first_step()
+        for p in ps:
+            keep.append(p.grad)
+            p.grad = torch.randn_like(p)
+        opt.second_step()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert opt.nonfinite_steps == 0
+
+
+@needs_gpu
 @pytest.mark.parametrize("base", list(GPU_BASES))
 @pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
 def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend, base):
