@@ -52,6 +52,7 @@ class _StepState:
         self.by_norm = False
         self.armed = False          # flags[0] may say "skip" (set on the device in pass 1)
         self.guard: Optional[Dict[torch.device, Tensor]] = None
+        self.base_checked = False   # the base's own step takes the device check's flag
         self.advanced: List[Tensor] = []
         self.pending: List[tuple] = []   # (host copy, event, counters, step) per GPU step
         self.counts: Dict[torch.device, Tensor] = {}  # guarded GPU steps that found inf/NaN
@@ -340,12 +341,14 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
             self._run.guard = guard
             if base_flag is not None:      # torch's fused step skips itself on this flag
                 self.base_optimizer.found_inf = base_flag
+                self._run.base_checked = True
             try:
                 self._descent(buckets)
             finally:
                 self._run.late, self._run.guard = [], None
                 if base_flag is not None:
                     del self.base_optimizer.found_inf
+                    self._run.base_checked = False
         if zero_grad:
             self.zero_grad()
         self._guard_report()

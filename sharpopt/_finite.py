@@ -16,9 +16,10 @@ Two ways to keep an inf/NaN out of the weights and the optimizer state:
   ``first_step`` raises once it has arrived (none is lost while the host runs ahead);
   ``nonfinite_steps`` counts them (a step replayed from a CUDA graph too).
 * **The device check** (``_guards_base``), for a base optimizer sharpopt does not merge
-  but torch runs fused (``fused=True`` SGD/Adam/AdamW): one device pass over the second
-  pass's gradients into the skip flag, handed to torch's step as its ``found_inf`` (the
-  GradScaler protocol), which skips the whole step; reported as the guard's.
+  but torch runs fused (``fused=True`` SGD/Adam/AdamW, and ``capturable=True`` Adam/AdamW,
+  which then runs torch's fused kernel): one device pass over the second pass's gradients
+  into the skip flag, handed to torch's step as its ``found_inf`` (the GradScaler
+  protocol), which skips the whole step; reported as the guard's.
 
 The mixin reads the protocol's record ``self._run`` (``_core._StepState``).
 """
@@ -37,6 +38,9 @@ from ._plan import Bucket
 
 #: Base optimizers whose ``fused=True`` step honours ``found_inf`` (see ``_guards_base``).
 _TORCH_FUSED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+#: Base optimizers whose ``capturable=True`` groups are stepped by their fused kernel under
+#: the device check (see ``_fused_capturable``).
+_TORCH_CAPTURABLE = (torch.optim.Adam, torch.optim.AdamW)
 
 
 def _reads_now(devices) -> bool:
@@ -160,11 +164,24 @@ class _FiniteChecks:
         """Whether the second pass's check can run on the device and be handed to the base
         optimizer's own step: torch's ``fused=True`` SGD/Adam/AdamW, which skip a whole
         step on a ``found_inf`` flag (as a GradScaler hands it) and take their step counts
-        back on the device, so no host read is needed (and the step can be captured)."""
+        back on the device, so no host read is needed (and the step can be captured).
+        Adam/AdamW groups with ``capturable=True`` qualify too (see ``_fused_capturable``)."""
         return self._may_guard_second(grad_scaler) and \
             type(self.base_optimizer) in _TORCH_FUSED and \
-            all(g.get("fused") for g in self.param_groups) and \
+            all(g.get("fused") or self._fused_capturable(g) for g in self.param_groups) and \
             not any(b.sharded for b in buckets)
+
+    def _fused_capturable(self, group: dict) -> bool:
+        """Whether a ``capturable=True`` Adam/AdamW group (not fused) takes its guarded step
+        from torch's fused Adam kernel. torch's capturable step, the one that can be
+        captured in a CUDA graph, takes no ``found_inf``, so the default check would need a
+        host read; the fused kernel is the same Adam update (its roundings may differ from
+        the capturable one's in the last bit), keeps the step count on the device as
+        well, and skips on the flag. Its step counters must then be float32, which is what
+        torch makes them unless float64 is the default dtype."""
+        return type(self.base_optimizer) in _TORCH_CAPTURABLE and \
+            bool(group.get("capturable")) and not group.get("fused") and \
+            not group.get("differentiable") and torch.get_default_dtype() != torch.float64
 
     def _check_on_device(self, buckets: List[Bucket]) -> Tensor:
         """The second pass's inf/NaN check as one device pass per device, into the skip
@@ -251,8 +268,9 @@ class _FiniteChecks:
     def _capture_message(self) -> str:
         return (f"{type(self).__name__}: this step's inf/NaN check reads a flag back to the "
                 "host, which a CUDA graph capture cannot do. The check runs inside the "
-                "kernels (no host read) for SAM/ASAM/GCSAM with an SGD base (or a fused "
-                "Adam/AdamW one) on the cuda and triton backends; elsewhere build the "
+                "kernels (no host read) for SAM/ASAM/GCSAM with an SGD base (or an "
+                "Adam/AdamW one with fused=True or capturable=True) on the cuda and triton "
+                "backends; elsewhere build the "
                 "optimizer with check_finite=False to capture its step (and check the loss "
                 "yourself)")
 

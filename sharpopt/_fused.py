@@ -69,7 +69,7 @@ class _FusedUpdate:
                     for g, d in zip(b.grads, directions(b)):
                         if d is not g:
                             g.copy_(d)
-            self.base_optimizer.step()
+            self._base_step()
             return
         if kind == "adam" and _plan._capturing():
             # The fused Adam reads the step count on the host and bakes the bias
@@ -92,6 +92,20 @@ class _FusedUpdate:
                 self._adam(b, saved, d)
         for b in late:
             (self._sgd if kind == "sgd" else self._adam)(b, None, b.grads)
+
+    def _base_step(self) -> None:
+        """``base_optimizer.step()``; under the device check, ``capturable=True`` Adam/AdamW
+        groups run it as ``fused=True`` for this call (see ``_fused_capturable``), so that
+        the check's ``found_inf`` is honoured."""
+        groups = [(g, g.get("fused")) for g in self.param_groups
+                  if self._run.base_checked and self._fused_capturable(g)]
+        for g, _ in groups:
+            g["fused"] = True
+        try:
+            self.base_optimizer.step()
+        finally:
+            for g, fused in groups:
+                g["fused"] = fused
 
     def _clip(self, buckets: List[Bucket], directions: Callable[[Bucket], List[Tensor]]) -> None:
         """``p.grad ← d · min(1, max_grad_norm / (‖d‖ + 1e-6))``, ``‖d‖`` global, as

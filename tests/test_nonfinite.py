@@ -442,14 +442,54 @@ def test_paths_that_read_the_host_still_refuse_capture(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+# -- a capturable=True Adam/AdamW base ----------------------------------------------------
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW], ids=["Adam", "AdamW"])
+def test_a_capturable_adam_base_takes_the_device_check_through_the_fused_kernel(
+        backend, cls, monkeypatch):
+    """With ``capturable=True`` (what torch needs to capture its Adam), the default check
+    runs on the device and the base step runs as torch's fused kernel, which takes the
+    flag: each step equals that of a ``fused=True`` base bit for bit, a NaN skips the
+    whole step (weights, moments and step count as they were) and raises, nothing is read
+    on the host for the check, the group's ``fused`` option is left as the user set it,
+    and a (simulated) capture is not refused."""
+    kw = dict(lr=1e-2, weight_decay=1e-2)
+    model, twin = _model(), _model()
+    opt = sharpopt.SAM(model.parameters(), cls, backend=backend, capturable=True, **kw)
+    ref = sharpopt.SAM(twin.parameters(), cls, backend=backend, fused=True, **kw)
+    checks = _count_separate_checks(monkeypatch)
+    _steps(model, opt, 2)
+    _steps(twin, ref, 2)
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert torch.equal(p, q), f"param {i} differs from the fused=True base's step"
+    assert all(g["fused"] is None and g["capturable"] for g in opt.param_groups)
+    before, st = _snapshot(model, opt)
+    _loss(model, 3).backward()
+    assert opt.first_step(zero_grad=True)
+    _loss(model, 3).backward()
+    list(model.parameters())[2].grad[1, 4] = float("nan")
+    with pytest.raises(FloatingPointError, match="this step.*skipped"):
+        opt.second_step(zero_grad=True)
+    assert not checks, "the second pass was checked with a host read"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), \
+        "the weights moved in a skipped step"
+    _assert_state_equal(model, opt, st, "skipped step")
+    if all(ops.guards_nonfinite for ops in opt._ops.values()):   # first pass: no host read
+        monkeypatch.setattr(_finite, "_reads_now", lambda devices: False)
+        monkeypatch.setattr(sharpopt._plan, "_capturing", lambda: True)
+    _steps(model, opt, 1, seed=50)         # not refused: no step of it reads the host
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # -- on a GPU ----------------------------------------------------------------------------
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-#: The default step's two GPU paths: the guard inside sharpopt's fused SGD update, and
-#: torch's fused AdamW (capturable by design) skipping on the device check's flag.
+#: The default step's GPU paths: the guard inside sharpopt's fused SGD update, and
+#: torch's fused AdamW kernel (capturable by design) skipping on the device check's flag,
+#: asked for with fused=True or, as torch's capture needs, capturable=True.
 GPU_BASES = {"SGD": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-             "AdamW-fused": (torch.optim.AdamW, dict(lr=1e-2, fused=True))}
+             "AdamW-fused": (torch.optim.AdamW, dict(lr=1e-2, fused=True)),
+             "AdamW-capturable": (torch.optim.AdamW, dict(lr=1e-2, capturable=True))}
 
 
 def _gpu_setup(backend, base="SGD", seed=0):
@@ -522,7 +562,8 @@ def test_new_gradient_tensors_every_pass_never_synchronise(gpu_backend):
 def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend, base):
     """A whole default SAM step captured after one warm-up step: replays match eager
     steps, and a replay on poisoned gradients keeps the weights where the guard says
-    (that element with SGD, all of them with the fused AdamW's skip) and is counted."""
+    (that element with SGD, all of them with the fused AdamW kernel's skip) and is
+    counted."""
     require_backend(gpu_backend, torch.device("cuda"))
     torch.manual_seed(0)
     (ps, opt), (qs, ref) = _gpu_setup(gpu_backend, base), _gpu_setup(gpu_backend, base)
@@ -537,7 +578,7 @@ def test_default_step_replays_from_a_cuda_graph_and_counts_infs(gpu_backend, bas
     graph.replay()
     torch.cuda.synchronize()
     assert ps[0][3, 4] == before[0][3, 4], "a kept weight moved in a replay"
-    if base == "AdamW-fused":
+    if base.startswith("AdamW"):
         assert all(torch.equal(p, q) for p, q in zip(ps, before)), "the skipped step moved"
     assert all(torch.isfinite(p).all() for p in ps)
     assert opt.nonfinite_steps == 1
