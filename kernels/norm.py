@@ -161,10 +161,10 @@ def sumsq(grads: Sequence[Tensor], params: Sequence[Tensor], *, adaptive: bool, 
             (rows if g.dim() > 1 and (centralize or want_mean) else flat).append(i)
 
     def pick(lst, idx):
-        """Entries ``idx`` of ``lst`` (all of them for ``idx`` None)."""
-        if lst is None or idx is None:
-            return None if lst is None else list(lst)
-        return [lst[i] for i in idx]
+        """Entries ``idx`` of ``lst`` (all of them for ``idx`` None); None for no list."""
+        if lst is None:
+            return None
+        return list(lst) if idx is None else [lst[i] for i in idx]
 
     flat_plan = tb.plan("flat", [pick(grads, flat), pick(p, flat)])
     row_plan = tb.plan("rows", [pick(grads, rows), pick(p, rows),

@@ -98,7 +98,7 @@ class _FusedUpdate:
         groups run it as ``fused=True`` for this call (see ``_fused_capturable``), so that
         the check's ``found_inf`` is honoured."""
         groups = [(g, g.get("fused")) for g in self.param_groups
-                  if self._run.base_checked and self._fused_capturable(g)]
+                  if self._fused_capturable(g)] if self._run.base_checked else []
         for g, _ in groups:
             g["fused"] = True
         try:

@@ -826,9 +826,9 @@ std::tuple<double, double> advance_steps(const TensorList& steps, double delta) 
 // Host helpers of the step plan (sharpopt/_host.py); they read parameters of any device.
 // ---------------------------------------------------------------------------------
 
-// The parameter at `item` of a parameter list, refused with a TypeError when not a tensor.
-const at::Tensor& param_at(PyObject* item) {
-  if (!THPVariable_Check(item)) throw py::type_error("sharpopt: a parameter list holds a non-tensor");
+// The tensor at `item` of a list, refused with a TypeError when not a tensor.
+const at::Tensor& tensor_at(PyObject* item) {
+  if (!THPVariable_Check(item)) throw py::type_error("sharpopt: a tensor list holds a non-tensor");
   return THPVariable_Unpack(item);
 }
 
@@ -845,7 +845,7 @@ py::bytes grad_key(const py::list& groups) {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(ps, i);
       // The TensorImpl's own slot: Tensor::grad() would also warn for non-leaf tensors.
-      if (param_at(item).unsafeGetTensorImpl()->grad().defined())
+      if (tensor_at(item).unsafeGetTensorImpl()->grad().defined())
         out.append(reinterpret_cast<const char*>(&item), sizeof(item));
     }
   }
@@ -858,7 +858,7 @@ py::list grads(const py::list& params) {
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   py::list out(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor& g = param_at(PyList_GET_ITEM(params.ptr(), i)).unsafeGetTensorImpl()->grad();
+    const at::Tensor& g = tensor_at(PyList_GET_ITEM(params.ptr(), i)).unsafeGetTensorImpl()->grad();
     if (g.defined()) {
       PyObject* obj = THPVariable_Wrap(g);
       if (obj == nullptr) throw py::error_already_set();
@@ -879,7 +879,7 @@ py::bytes per_entry(const py::list& xs, const F& value) {
   std::string out(size_t(n) * sizeof(int64_t), '\0');
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(xs.ptr(), i);
-    const int64_t v = item == Py_None ? 0 : value(param_at(item));
+    const int64_t v = item == Py_None ? 0 : value(tensor_at(item));
     std::memcpy(&out[size_t(i) * sizeof(int64_t)], &v, sizeof(v));
   }
   return py::bytes(out);
