@@ -39,7 +39,9 @@ is the ceiling (as STREAM reports), and ``%triad`` is a provider's byte-model GB
 
 Host cost (:mod:`bench.bench_host`, ``--no-host`` skips it): the public SAM step on 160 and
 1200 one-element tensors, so that only the host's work is timed, in µs per tensor next to
-torch's fused and foreach single steps (printed, in the JSON, and as the chart's last panels).
+torch's fused and foreach single steps (printed, in the JSON, and as the chart's last panels),
+once with the gradients kept from step to step and once with a backward pass before every
+optimizer call (``--after-backward``: new gradient tensors, as in training).
 
 MSAM (one gradient per step, no second pass) gets its own table after the cases
 (:mod:`bench.bench_msam`): its fused step on every backend next to torch.optim's plain step,
@@ -435,13 +437,17 @@ def main(argv=None) -> int:
         # host work being measured (torch's own single step too, by ~3x here).
         import subprocess
         import tempfile
+        # Twice: with the gradients kept from step to step, and with a backward pass before
+        # every optimizer call (new gradient tensors, as in training).
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "host.json")
-            subprocess.run([sys.executable, "-m", "bench.bench_host", "--repeat",
-                            str(60 if args.quick else 200), "--json", path],
-                           check=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
-            with open(path) as f:
-                host = json.load(f)["results"]
+            for extra in ([], ["--after-backward"]):
+                path = os.path.join(tmp, "host.json")
+                subprocess.run([sys.executable, "-m", "bench.bench_host", "--repeat",
+                                str(60 if args.quick else 200), "--json", path, *extra],
+                               check=True,
+                               cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
+                with open(path) as f:
+                    host.update(json.load(f)["results"])
     elapsed = time.perf_counter() - started
     result = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -17,12 +17,20 @@ it times, interleaved round-robin and reported as the median (with best and spre
   and with ``foreach=True``.
 
 The steps are timed round-robin, so each starts with the caches and branch predictors
-other code left (as a training step does, after a backward pass); ``--back-to-back`` times
-each step's samples in a row instead, which gives the lower bound with everything warm.
+other code left; ``--back-to-back`` times each step's samples in a row instead, which gives
+the lower bound with everything warm. Both keep the same gradient tensors from step to
+step. ``--after-backward`` is the training loop's case: before each optimizer call
+(``first_step``, ``second_step``, torch's ``step``) an untimed backward pass frees the old
+gradients and gives every parameter a new one, made in C++ with no Python object yet. The
+call then meets what a backward leaves: cold caches, new tensors to wrap, and a C
+allocator full of freed blocks, which glibc merges on the first request of 1 KiB or more
+(about 0.2 ms at 1200 tensors, paid by whichever code asks first).
+
 The figure is µs per tensor (median time / tensor count). A SAM step is two optimizer
 passes to torch's one, so "no more than torch's fused single step" is a demanding bar.
 
-    python -m bench.bench_host [--tensors 160,1200] [--repeat 200] [--back-to-back] [--json FILE]
+    python -m bench.bench_host [--tensors 160,1200] [--repeat 200] [--back-to-back]
+                               [--after-backward] [--json FILE]
 """
 from __future__ import annotations
 
@@ -95,49 +103,106 @@ def _params(n: int, device: torch.device) -> List[torch.nn.Parameter]:
     return ps
 
 
-def steps(n: int, base: str, device: torch.device) -> Dict[str, Callable[[], None]]:
-    """Name -> one step over ``n`` one-element parameters (each callable owns its copy)."""
+class _Backward:
+    """A training loop's backward pass on ``params``: ``zero_grad(set_to_none=True)``, then
+    autograd gives every parameter a new gradient tensor (made in C++, with no Python object
+    yet, as a real backward makes them). It frees the old gradients and allocates new ones,
+    so the optimizer call after it meets the caches and the C allocator a backward leaves."""
+
+    def __init__(self, params: List[torch.nn.Parameter]):
+        self.params = params
+        # Held here, so autograd copies each seed into a new gradient tensor.
+        self.seeds = [p.grad.detach().clone() for p in params]
+
+    def __call__(self) -> None:
+        for p in self.params:
+            p.grad = None
+        torch.autograd.backward(self.params, self.seeds)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call takes; on CUDA from a synchronised start to a synchronised end."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn: Callable[[], object]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+    return timed
+
+
+def steps(n: int, base: str, device: torch.device, after_backward: bool = False
+          ) -> Dict[str, Callable[[], float]]:
+    """Name -> one timed step over ``n`` one-element parameters (each callable owns its
+    copy and returns the seconds its optimizer calls took). With ``after_backward`` each
+    optimizer call (``first_step``, ``second_step``, torch's ``step``) follows a backward
+    pass (see :class:`_Backward`), which is not timed."""
     cls, kw = BASES[base]
-    out: Dict[str, Callable[[], None]] = {}
-    for backend in BACKENDS.get(device.type, ("foreach",)):
-        try:
-            resolve(backend, device)
-        except BackendUnavailable:
-            continue
-        for check in (True, False):
-            opt = sharpopt.SAM(_params(n, device), cls, rho=0.05, backend=backend,
-                               check_finite=check, **kw)
+    timed = _timer(device)
+    out: Dict[str, Callable[[], float]] = {}
 
-            def sam(opt=opt):
-                opt.first_step()
-                opt.second_step()
-            out[f"sharpopt {backend} SAM step" + ("" if check else ", check_finite=False")] = sam
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" \
-            and stub_triton_launches():
-        for check in (True, False):
-            opt = sharpopt.SAM(_params(n, device), cls, rho=0.05, backend="triton",
-                               check_finite=check, **kw)
+    def sam_step(opt: torch.optim.Optimizer, params) -> Callable[[], float]:
+        if not after_backward:
+            return lambda: timed(lambda: (opt.first_step(), opt.second_step()))
+        backward = _Backward(params)
 
-            def sam(opt=opt):
-                opt.first_step()
-                opt.second_step()
-            out["sharpopt triton SAM step, launches stubbed"
-                + ("" if check else ", check_finite=False")] = sam
+        def sample() -> float:
+            backward()
+            t = timed(opt.first_step)
+            backward()
+            return t + timed(opt.second_step)
+        return sample
+
+    def torch_step(opt: torch.optim.Optimizer, params) -> Callable[[], float]:
+        if not after_backward:
+            return lambda: timed(opt.step)
+        backward = _Backward(params)
+
+        def sample() -> float:
+            backward()
+            return timed(opt.step)
+        return sample
+
+    sam_backends = [b for b in BACKENDS.get(device.type, ("foreach",)) if _runs(b, device)]
+    stubbed = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" \
+        and stub_triton_launches()
+    if stubbed:
+        sam_backends.append("triton")
+    for backend in sam_backends:
+        label = "triton SAM step, launches stubbed" if backend == "triton" and stubbed \
+            else f"{backend} SAM step"
+        for check in (True, False):
+            params = _params(n, device)
+            opt = sharpopt.SAM(params, cls, rho=0.05, backend=backend, check_finite=check, **kw)
+            name = f"sharpopt {label}" + ("" if check else ", check_finite=False")
+            out[name] = sam_step(opt, params)
     for flag in ("fused", "foreach"):
-        opt = cls(_params(n, device), **kw, **{flag: True})
-        out[f"torch {cls.__name__}({flag}=True) single step"] = opt.step
+        params = _params(n, device)
+        out[f"torch {cls.__name__}({flag}=True) single step"] = torch_step(
+            cls(params, **kw, **{flag: True}), params)
     return out
 
 
+def _runs(backend: str, device: torch.device) -> bool:
+    try:
+        resolve(backend, device)
+    except BackendUnavailable:
+        return False
+    return True
+
+
 def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu"),
-        warmup: int = 20, back_to_back: bool = False) -> Dict[str, dict]:
+        warmup: int = 20, back_to_back: bool = False, after_backward: bool = False
+        ) -> Dict[str, dict]:
     """Per step name: µs per tensor (median, best, quartiles) over ``repeat`` samples,
     taken round-robin (on CUDA each sample ends with a synchronisation), or with
     ``back_to_back`` all samples of one step in a row: the caches and branch predictors
-    then hold that step's own objects and code (the host cost's lower bound; a training
-    step follows a backward pass, closer to the round-robin figure)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fns = steps(n, base, device)
+    then hold that step's own objects and code (the host cost's lower bound). With
+    ``after_backward`` each optimizer call follows a backward pass that makes new
+    gradients, as in training (the backward is not timed)."""
+    fns = steps(n, base, device, after_backward)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -148,11 +213,7 @@ def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu
     else:
         order = [k for r in range(repeat) for k in names[r % len(names):] + names[:r % len(names)]]
     for k in order:
-        sync()
-        t0 = time.perf_counter()
-        fns[k]()
-        sync()
-        times[k].append(time.perf_counter() - t0)
+        times[k].append(fns[k]())
     out = {}
     for k, ts in times.items():
         q = statistics.quantiles(ts, n=4)
@@ -163,7 +224,8 @@ def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu
 
 
 def host_table(device: torch.device, tensors=(160, 1200), repeat: int = 100, log=print,
-               threads: int = 1, back_to_back: bool = False) -> dict:
+               threads: int = 1, back_to_back: bool = False, after_backward: bool = False
+               ) -> dict:
     """The host-cost table of ``python -m bench``: every count and base, printed. Runs on
     ``threads`` torch threads (restored after; default one: with one-element tensors a
     thread pool only adds its own start-up cost to every pass)."""
@@ -171,19 +233,23 @@ def host_table(device: torch.device, tensors=(160, 1200), repeat: int = 100, log
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results = _host_table(device, tensors, repeat, log, back_to_back)
+        results = _host_table(device, tensors, repeat, log, back_to_back, after_backward)
     finally:
         torch.set_num_threads(before)
     return results
 
 
-def _host_table(device: torch.device, tensors, repeat: int, log, back_to_back: bool) -> dict:
+def _host_table(device: torch.device, tensors, repeat: int, log, back_to_back: bool,
+                after_backward: bool) -> dict:
     results = {}
     how = "back to back" if back_to_back else "round-robin"
+    if after_backward:
+        how += ", each call after a backward pass"
     for n in tensors:
         for base in BASES:
-            res = results[f"{n} tensors, {base}"] = run(n, base, repeat, device,
-                                                         back_to_back=back_to_back)
+            key = f"{n} tensors, {base}" + (", after backward" if after_backward else "")
+            res = results[key] = run(n, base, repeat, device, back_to_back=back_to_back,
+                                     after_backward=after_backward)
             log(f"host cost, {n} one-element tensors, base {base}, {how}: µs per tensor "
                 "(median, best, q25-q75)")
             for k, v in res.items():
@@ -201,6 +267,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--back-to-back", action="store_true",
                     help="time all samples of one step in a row instead of round-robin "
                          "(warm caches: the lower bound of the host cost)")
+    ap.add_argument("--after-backward", action="store_true",
+                    help="give every parameter new gradients by a backward pass before each "
+                         "optimizer call, as in training (not timed)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -211,12 +280,13 @@ def main(argv=None) -> dict:
               "machine": platform.machine(), "processor": platform.processor(),
               "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
               "sharpopt": sharpopt.__version__, "back_to_back": args.back_to_back,
-              "results": {}}
+              "after_backward": args.after_backward, "results": {}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record["device"] = str(device)
     record["results"] = host_table(device, [int(x) for x in args.tensors.split(",")],
                                    args.repeat, threads=args.threads,
-                                   back_to_back=args.back_to_back)
+                                   back_to_back=args.back_to_back,
+                                   after_backward=args.after_backward)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)

@@ -13,7 +13,8 @@
 // holds the argument, and nothing in a pass runs Python code or releases the GIL). A
 // TensorList is never copied (the copy constructor is deleted); a tensor copied out of one
 // takes its own reference as usual. Only the binding's argument type changes (a TensorList
-// is a std::vector<at::Tensor>), so the passes and the shared checks read it as before.
+// is a std::vector<at::Tensor> whose buffer is recycled, see Reused), so the passes and
+// the shared checks read it as before.
 // Anything that is not a list or tuple of tensors is refused by pybind11's TypeError.
 #pragma once
 
@@ -26,17 +27,60 @@
 
 namespace sharpopt {
 
-struct TensorList : std::vector<at::Tensor> {
+// A std::vector whose buffer is recycled: taken from a per-thread free list when made,
+// handed back (emptied, capacity kept) when destroyed. Why: right after a backward pass the
+// C allocator holds thousands of freed small blocks (old gradients, autograd nodes), and
+// glibc merges them all on the first request of 1 KiB or more - 0.2-0.3 ms at a thousand
+// parameters, measured, landing on whatever asks first. A pass's lists and work units are
+// such requests (8 bytes per tensor and more), so a step allocated them anew every pass;
+// recycled, a step in steady state asks the allocator for no large block at all. Passes
+// run with the GIL held and never re-enter, so a handful of buffers per thread suffices.
+template <class T>
+class Reused : public std::vector<T> {
+ public:
+  Reused() {
+    auto& spare = free_list();
+    if (!spare.empty()) {
+      std::vector<T>::swap(spare.back());
+      spare.pop_back();
+    }
+  }
+  Reused(const Reused&) = delete;
+  Reused& operator=(const Reused&) = delete;
+  Reused(Reused&& other) noexcept : std::vector<T>(std::move(other)) {}
+  Reused& operator=(Reused&& other) noexcept {
+    std::vector<T>::operator=(std::move(other));
+    return *this;
+  }
+  ~Reused() {
+    if (this->capacity() == 0) return;
+    this->clear();
+    auto& spare = free_list();
+    if (spare.size() < kKept) {
+      spare.emplace_back();
+      spare.back().swap(*this);
+    }
+  }
+
+ private:
+  static constexpr size_t kKept = 16;   // more lists than any pass holds at once
+  static std::vector<std::vector<T>>& free_list() {
+    thread_local std::vector<std::vector<T>> spare;
+    return spare;
+  }
+};
+
+struct TensorList : Reused<at::Tensor> {
   TensorList() = default;
   TensorList(const TensorList&) = delete;
   TensorList& operator=(const TensorList&) = delete;
   TensorList(TensorList&&) noexcept = default;      // moves the borrowed handles
   TensorList& operator=(TensorList&& other) noexcept {
     release();
-    std::vector<at::Tensor>::operator=(std::move(other));
+    Reused<at::Tensor>::operator=(std::move(other));
     return *this;
   }
-  ~TensorList() { release(); }
+  ~TensorList() { release(); }   // then ~Reused keeps the buffer
 
   // Entry i borrowed from the Python tensor `obj` (which must outlive this list).
   void borrow(PyObject* obj) {

@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _host
-from ..backends.base import is_dense, rows_are_blocks, same_layout
+from ..backends.base import rows_are_blocks
 
 # Read once at import, as triton.jit does: the kernels below are interpreted or compiled
 # for the whole process.
@@ -159,22 +159,25 @@ def plan(kind: str, lists: Sequence[Optional[Sequence[Optional[Tensor]]]],
     The key is built on every call, so it is kept to what decides the table's content,
     and the per-tensor parts (element counts, addresses) are read in C++ where the cpu
     extension is loaded (``sharpopt._host``): in Python they were most of a pass's cost.
+    A miss with known sizes (new gradient tensors after ``zero_grad(set_to_none=True)``,
+    the common case) reuses the launches' layout and only writes the new addresses.
     """
     first = lists[0]
-    key = (
+    sizes = (
         kind, MAX_TENSORS, MAX_BLOCKS, CHUNK, ROW_TILE, MIN_COLS, MAX_COLS,
         first[0].device if len(first) else None,
         _host.numels(first),
         tuple(t.shape[0] if t.dim() else 1 for t in first)
         if kind == "rows" or rows_view else None,
-        *map(_host.data_ptrs, lists),
     )
+    addresses = tuple(map(_host.data_ptrs, lists))
+    key = sizes + addresses
     capturing = _capturing()
     hit = _captured.get(key)
     if hit is None:
         hit = _cache.get(key)
         if hit is None:
-            hit = _build(kind, lists, capturing, rows_view)
+            hit = _build(kind, lists, capturing, rows_view, sizes, addresses)
             if not capturing:
                 _cache[key] = hit
                 if len(_cache) > CACHE_SIZE:
@@ -214,29 +217,84 @@ def _record_stream(pl: Plan) -> None:
         pl.streams.add(stream.stream_id)
 
 
-def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False) -> Plan:
+class _Part(NamedTuple):
+    """One launch of a layout: which tensors it covers and every word of its table but
+    the addresses."""
+    index: Optional[Tensor]   # int64 tensor indices, None for all tensors in order
+    ntensors: int
+    nblocks: int
+    first: int
+    cols: int
+    meta: Tensor              # int64 host words: numel, ncols, nrows (N each), blocks
+
+
+# Launch layouts by the sizes part of a plan's key (the plan without its addresses):
+# host tensors only, so the LRU may drop any of them at any time.
+_layouts: "OrderedDict[tuple, Tuple[_Part, ...]]" = OrderedDict()
+
+
+def _check(kind: str, lists, rows_view: bool) -> None:
+    """Every operand on the parameters' device, dense and laid out like its parameter, and
+    with row passes, each row of the first list one block of memory."""
     first = lists[0]
     device = first[0].device if len(first) else torch.device("cpu")
     # The kernels walk every operand of a parameter as one flat array in memory order:
     # right for any dense layout (contiguous, channels_last) that all operands share.
     for lst in lists:
-        for i, t in enumerate(lst or ()):
-            if t is None:
-                continue
-            like = first[i]
-            if t.device != device or not (t.is_contiguous() and (
-                    like.is_contiguous() or t.shape != like.shape)) and not (
-                    is_dense(t) and same_layout(t, like)):
-                raise ValueError(f"sharpopt triton backend: tensor {i} of a pass: every tensor "
-                                 f"must be on {device}, dense and laid out like its parameter "
-                                 "(strides "
-                                 f"{tuple(t.stride())} against {tuple(like.stride())})")
+        bad = _host.first_unlike(lst, first) if lst is not None else -1
+        if bad < 0:
+            continue
+        t, like = lst[bad], first[bad]
+        raise ValueError(f"sharpopt triton backend: tensor {bad} of a pass: every tensor "
+                         f"must be on {device}, dense and laid out like its parameter "
+                         "(strides "
+                         f"{tuple(t.stride())} against {tuple(like.stride())})")
     if kind == "rows" or rows_view:
         for i, t in enumerate(first):     # a row is reduced (or centred) as one block
             if not rows_are_blocks(t):
                 raise ValueError(f"sharpopt triton backend: tensor {i}: gradient "
                                  "centralisation needs each row in one block of memory "
                                  f"(strides {tuple(t.stride())})")
+
+
+def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False,
+           sizes: Optional[tuple] = None, addresses: Optional[tuple] = None) -> Plan:
+    _check(kind, lists, rows_view)
+    first = lists[0]
+    device = first[0].device if len(first) else torch.device("cpu")
+    if addresses is None:
+        addresses = tuple(map(_host.data_ptrs, lists))
+    parts = _layouts.get(sizes) if sizes is not None else None
+    if parts is None:
+        parts = _layout(kind, first)
+        if sizes is not None:
+            _layouts[sizes] = parts
+            if len(_layouts) > CACHE_SIZE:
+                _layouts.popitem(last=False)
+    else:
+        _layouts.move_to_end(sizes)
+    rows = [_words(a, len(first)) for a in addresses]
+    launches = tuple(_table(rows, part, device, capturing) for part in parts)
+    streams = set()
+    if launches and device.type == "cuda" and not capturing:
+        streams.add(torch.cuda.current_stream(device).stream_id)
+    return Plan(launches, sum(part.nblocks for part in parts), streams)
+
+
+def _words(addresses, n: int) -> Tensor:
+    """The addresses of one operand list (bytes from ``_host.data_ptrs``, a tuple, or None
+    for an absent list) as an int64 host tensor of ``n`` words."""
+    if addresses is None:
+        return torch.zeros(n, dtype=torch.int64)
+    if isinstance(addresses, bytes):
+        return torch.frombuffer(bytearray(addresses), dtype=torch.int64) if n else \
+            torch.zeros(0, dtype=torch.int64)
+    return torch.tensor(addresses, dtype=torch.int64).reshape(n)
+
+
+def _layout(kind: str, first) -> Tuple[_Part, ...]:
+    """The launches of a pass over tensors of ``first``'s sizes: each a run of tensors and
+    their programs, split where one table would exceed ``MAX_TENSORS`` or ``MAX_BLOCKS``."""
     # units: (tensor index, ncols, nrows, group, starts) -- group separates launches. Every
     # plan records the (nrows, ncols) view, which perturb needs to find an element's row.
     units = []
@@ -245,62 +303,59 @@ def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False) -
         nrows = t.shape[0] if t.dim() else 1
         ncols = n // nrows if nrows else 0
         if kind == "flat":
-            units.append((i, ncols, nrows, 0, list(range(-(-n // CHUNK)))))
+            units.append((i, n, ncols, nrows, 0, range(-(-n // CHUNK))))
         else:
             cols = cols_for(ncols)
-            units.append((i, ncols, nrows, cols, list(range(0, nrows, rows_per_tile(cols)))))
-    units.sort(key=lambda u: u[3])  # stable: tensor order kept within a group
+            units.append((i, n, ncols, nrows, cols, range(0, nrows, rows_per_tile(cols))))
+    units.sort(key=lambda u: u[4])  # stable: tensor order kept within a group
 
-    launches: List[Launch] = []
+    parts: List[_Part] = []
     done = 0
-    cur_t: List[Tuple[int, int, int]] = []
-    cur_b: List[Tuple[int, int]] = []
+    cur_t: List[Tuple[int, int, int, int]] = []
+    cur_b: List[int] = []           # local index, start, local index, start, ...
 
     def flush(group):
         nonlocal done, cur_t, cur_b
         if cur_b:
-            launches.append(_table(lists, cur_t, cur_b, done, group, device, capturing))
-            done += len(cur_b)
+            index = [i for i, _, _, _ in cur_t]
+            whole = index == list(range(len(first)))
+            meta = torch.tensor([n for _, n, _, _ in cur_t] + [c for _, _, c, _ in cur_t]
+                                + [r for _, _, _, r in cur_t] + cur_b, dtype=torch.int64)
+            parts.append(_Part(None if whole else torch.tensor(index, dtype=torch.int64),
+                               len(cur_t), len(cur_b) // 2, done, group or 0, meta))
+            done += len(cur_b) // 2
         cur_t, cur_b = [], []
 
     group = None
-    for i, ncols, nrows, g, starts in units:
+    for i, n, ncols, nrows, g, starts in units:
         if g != group:
             flush(group)
             group = g
         pos = 0
         while pos < len(starts):
-            if len(cur_t) == MAX_TENSORS or len(cur_b) == MAX_BLOCKS:
+            if len(cur_t) == MAX_TENSORS or len(cur_b) == 2 * MAX_BLOCKS:
                 flush(group)
             local = len(cur_t)
-            cur_t.append((i, ncols, nrows))
-            take = min(MAX_BLOCKS - len(cur_b), len(starts) - pos)
-            cur_b.extend((local, s) for s in starts[pos:pos + take])
+            cur_t.append((i, n, ncols, nrows))
+            take = min(MAX_BLOCKS - len(cur_b) // 2, len(starts) - pos)
+            for s in starts[pos:pos + take]:
+                cur_b += (local, s)
             pos += take
     flush(group)
-    streams = set()
-    if launches and device.type == "cuda" and not capturing:
-        streams.add(torch.cuda.current_stream(device).stream_id)
-    return Plan(tuple(launches), done, streams)
+    return tuple(parts)
 
 
-def _table(lists, tensors, blocks, first, cols, device, capturing) -> Launch:
-    words: List[int] = []
-    aligned = True
-    for lst in lists:
-        for i, _, _ in tensors:
-            t = None if lst is None else lst[i]
-            a = 0 if t is None else t.data_ptr()
-            aligned = aligned and a % 16 == 0
-            words.append(a)
-    words += [lists[0][i].numel() for i, _, _ in tensors]
-    words += [ncols for _, ncols, _ in tensors]
-    words += [nrows for _, _, nrows in tensors]
-    for local, start in blocks:
-        words += [local, start]
-    host = torch.tensor(words, dtype=torch.int64)
+def _table(rows: List[Tensor], part: _Part, device, capturing) -> Launch:
+    """The launch of layout ``part`` for the operand addresses ``rows`` (one int64 host
+    tensor per list, indexed by tensor)."""
+    addresses = torch.cat([r if part.index is None else r[part.index] for r in rows]) \
+        if rows else torch.zeros(0, dtype=torch.int64)
+    # Absent operands (address 0) count as aligned: the kernels never read them.
+    aligned = bool((addresses % 16 == 0).all())
+    host = torch.cat([addresses, part.meta])
     if device.type != "cuda":            # the interpreter reads the host tensor itself
-        return Launch(host.to(device), len(tensors), len(blocks), first, aligned, cols)
+        return Launch(host.to(device), part.ntensors, part.nblocks, part.first, aligned,
+                      part.cols)
     # Pinned and copied without waiting: an asynchronous DMA that needs no stream
     # synchronisation (a blocking copy, or one from pageable memory, would add one to every
     # step that builds a plan; during a CUDA-graph capture it could not be captured at all).
@@ -317,7 +372,7 @@ def _table(lists, tensors, blocks, first, cols, device, capturing) -> Launch:
             "graph capture; run one eager step with the same tensors (parameters, "
             "gradients and state at the addresses the capture uses) before capturing"
         ) from exc
-    return Launch(table, len(tensors), len(blocks), first, aligned, cols, host)
+    return Launch(table, part.ntensors, part.nblocks, part.first, aligned, part.cols, host)
 
 
 def scalar(s, device) -> Tuple[Optional[Tensor], float]:

@@ -264,7 +264,7 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
                 self.zero_grad()
             return False
         for b in buckets:           # the ascent reads them twice (norm, perturbation)
-            b.pinned = b.grads
+            b.pin()
         try:
             perturbed = self._ascent(buckets)
         except _SkipStep:
@@ -277,7 +277,7 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
             self._run.inv_scale = None
             self._run.by_norm = False
             for b in buckets:
-                b.pinned = None
+                b.unpin()
         self._run.calls += 1
         if perturbed:
             self._run.perturbed, self._run.key = buckets, self._plan[0]
@@ -312,12 +312,29 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
         buckets = self._run.perturbed
         # The same parameters have gradients as in the first pass (one look at each): no
         # gradient went missing and none appeared.
-        same = self._grad_key() == self._run.key
+        same = self._grad_key_is(self._run.key)
         if not same and any(p.grad is None for b in buckets for p in b.sources):
             buckets = self._restore_missing(buckets)
+        pinned: List[Bucket] = []
+        try:
+            self._second_pass(buckets, same, grad_scaler, amp, pinned)
+        finally:
+            for b in pinned:
+                b.unpin()
+        if zero_grad:
+            self.zero_grad()
+        self._guard_report()
+
+    def _second_pass(self, buckets: List[Bucket], same: bool, grad_scaler,
+                     amp: Optional[tuple], pinned: List[Bucket]) -> None:
+        """The checks and the descent of ``_second``, with the gradients of every bucket
+        read once (``pinned`` lists the buckets pinned, for the caller to unpin)."""
         guard = base_flag = None
         try:
             late = [] if same else self._late(buckets)
+            for b in buckets + late:
+                b.pin()
+                pinned.append(b)
             if amp is not None:
                 ok = self._amp_ok(buckets + late, *amp)
             elif self._guards_update(buckets + late, grad_scaler):
@@ -349,9 +366,6 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
                 if base_flag is not None:
                     del self.base_optimizer.found_inf
                     self._run.base_checked = False
-        if zero_grad:
-            self.zero_grad()
-        self._guard_report()
 
     def _late(self, buckets: List[Bucket]) -> List[Bucket]:
         """Buckets of the parameters that have a gradient in the second pass but had none in

@@ -126,6 +126,19 @@ class _FiniteChecks:
         self._run.flags_fresh = True
         return flags
 
+    def _host_scalars(self, buckets: List[Bucket]) -> bool:
+        """Whether this step's scalars (a norm, the perturbation's scale) are worked out as
+        Python floats: every bucket on the CPU, where reading a value costs no
+        synchronisation, none sharded, and not while torch.compile traces or a CUDA graph
+        captures (where the tensor path refuses a host read). Each torch
+        operation on a 0-dim tensor costs microseconds, tens of them with the caches a
+        backward pass or a pass over a thousand tensors leaves, and a step made about ten.
+        The values are torch's: each operation is rounded to the dtype torch computes it in
+        (see ``_plan._f32``); the square root is correctly rounded (torch's is on most CPUs,
+        see ``backends.reference.sqrt_rn``)."""
+        return not torch.compiler.is_compiling() and not _plan._capturing() and \
+            _reads_now([b.device for b in buckets]) and not any(b.sharded for b in buckets)
+
     def _guard_norm(self, norm: Tensor, buckets: List[Bucket]
                     ) -> Optional[Dict[torch.device, Tensor]]:
         """The first pass's verdict from the ascent's norm (``self._run.by_norm``): raises

@@ -47,6 +47,39 @@ def grad_key(groups: Sequence[list]):
     return [id(p) for ps in groups for p in ps if p.grad is not None]
 
 
+def grad_key_is(groups: Sequence[list], key) -> bool:
+    """``grad_key(groups) == key`` without making the new key (in C++: no allocation)."""
+    ext = _ext()
+    if ext is not None and isinstance(key, bytes):
+        try:
+            return ext.grad_key_is(list(groups), key)
+        except TypeError:           # a group whose params are not a list of tensors
+            pass
+    return grad_key(groups) == key
+
+
+def grads_into(params: list, out: list) -> list:
+    """``out[i] = params[i].grad`` in place (``out`` as long as ``params``); returns ``out``.
+    A list kept for the purpose is refilled each pass without a new allocation."""
+    ext = _ext()
+    if ext is not None and isinstance(params, list):
+        ext.grads_into(params, out)
+    else:
+        for i, p in enumerate(params):
+            out[i] = p.grad
+    return out
+
+
+def clear(out: list) -> None:
+    """Every entry of the list ``out`` set to None in place (its tensors let go)."""
+    ext = _ext()
+    if ext is not None:
+        ext.clear_list(out)
+    else:
+        for i in range(len(out)):
+            out[i] = None
+
+
 def grads(params: list) -> List[Optional[Tensor]]:
     """``[p.grad for p in params]`` (``params`` a list)."""
     ext = _ext()
@@ -67,6 +100,31 @@ def data_ptrs(tensors: Optional[Sequence[Optional[Tensor]]]):
         return tuple(map(Tensor.data_ptr, tensors))
     except TypeError:  # an absent (None) entry
         return tuple(0 if t is None else t.data_ptr() for t in tensors)
+
+
+def first_unlike(tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -> int:
+    """The index of the first entry of ``tensors`` (None entries skipped) that is not on
+    ``like[0]``'s device, or neither contiguous (where ``like[i]`` is, or has another
+    shape: a flat view) nor dense and laid out like ``like[i]``; -1 when there is none.
+    The layout rule of the triton backend's launch tables."""
+    ext = _ext()
+    if ext is not None and isinstance(tensors, list) and isinstance(like, list):
+        try:
+            return ext.first_unlike(tensors, like)
+        except TypeError:           # an entry that is not a tensor: Python says where
+            pass
+    from .backends.base import is_dense, same_layout
+
+    device = like[0].device if len(like) else None
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        p = like[i]
+        if t.device != device or not (t.is_contiguous() and (
+                p.is_contiguous() or t.shape != p.shape)) and not (
+                is_dense(t) and same_layout(t, p)):
+            return i
+    return -1
 
 
 def numels(tensors: Sequence[Tensor]):

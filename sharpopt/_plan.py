@@ -15,10 +15,11 @@ process holding the whole model.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -116,6 +117,8 @@ class Bucket:
     laid_out: set = field(init=False, default_factory=set)
     #: The gradients, read once for a pass that reads them several times (see ``grads``).
     pinned: Optional[List[Tensor]] = field(init=False, default=None)
+    #: The list ``pin`` refills (one per bucket, so a pass allocates none).
+    held: Optional[List[Optional[Tensor]]] = field(init=False, default=None)
 
     def __post_init__(self):
         if not isinstance(self.sources, _Sources):
@@ -140,12 +143,36 @@ class Bucket:
             return self.pinned
         return self.local(_host.grads(self.sources))
 
+    def pin(self) -> None:
+        """Read the gradients once for the pass that begins (``grads`` then returns them).
+        An ordinary bucket refills the list it keeps for this, in place."""
+        if self.sharded:
+            self.pinned = self.grads
+            return
+        if self.held is None:
+            self.held = [None] * len(self.sources)
+        self.pinned = _host.grads_into(self.sources, self.held)
+
+    def unpin(self) -> None:
+        """End of the pass: let go of the gradients (``zero_grad(set_to_none=True)`` must
+        free them) and read them afresh from now on."""
+        if self.pinned is self.held and self.held is not None:
+            _host.clear(self.held)
+        self.pinned = None
+
     def local(self, tensors: List[Tensor]) -> List[Tensor]:
         """Local shards of per-parameter tensors (state shaped like the parameters)."""
         return [_local(t) for t in tensors] if self.sharded else tensors
 
     def subset(self, sources: List[Tensor]) -> "Bucket":
         return Bucket(self.ops, sources, self.group, self.reduce_over)
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 value (inf beyond its range), as torch stores an
+    fp32 result. An fp32 operation on fp32 inputs, computed in double and rounded so, gives
+    the fp32 result exactly (double has more than twice fp32's precision)."""
+    return ctypes.c_float(x).value
 
 
 def _check_positive(name: str, value, allow_zero: bool = True) -> None:
@@ -286,20 +313,26 @@ class _Core(Optimizer):
         parameter's gradient its dtype, device and shape. ``add_param_group`` and
         ``load_state_dict`` drop it. Checking costs one look at every parameter.
         """
-        key = self._grad_key()
+        groups = self._param_lists()
         plan = self._plan
-        if plan is not None and plan[0] == key and all(b.current() for b in plan[1]):
+        if plan is not None and _host.grad_key_is(groups, plan[0]) and \
+                all(b.current() for b in plan[1]):
             return plan[1]
+        key = _host.grad_key(groups)
         buckets: List[Bucket] = []
         for group in self.param_groups:
             buckets.extend(self._buckets(group, self._with_grad(group)))
         self._plan = (key, buckets)
         return buckets
 
-    def _grad_key(self):
-        """Which parameters have a gradient now, in group order (the plan's key; compare
-        with ``==``)."""
-        return _host.grad_key([g["params"] for g in self.param_groups])
+    def _param_lists(self) -> List[list]:
+        """The parameter list of every group, in order (what the plan's key describes)."""
+        return [g["params"] for g in self.param_groups]
+
+    def _grad_key_is(self, key) -> bool:
+        """Whether the same parameters have a gradient now as when ``key`` (a plan's key)
+        was made; checks each parameter once and allocates nothing."""
+        return _host.grad_key_is(self._param_lists(), key)
 
     def _buffers(self, name: str, sources: Sequence[Tensor]) -> List[Tensor]:
         """Scratch tensors named ``name`` for the parameters ``sources`` (local shards for
@@ -410,6 +443,27 @@ class _Core(Optimizer):
             ))
             for b in buckets
         ).sqrt()
+
+    def _norm_value(self, buckets: Sequence[Bucket],
+                    grads_of: Callable[[Bucket], Sequence[Tensor]], *, adaptive: bool = False,
+                    centralize: bool = False, row_means: bool = False) -> Tuple[float, bool]:
+        """:meth:`_norm` as ``(value, fp64)`` on the host (see ``_host_scalars``): each
+        bucket's sum in its dtype (fp64 for fp64 tensors, else fp32), added in order as
+        :meth:`_total` adds the 0-dim tensors (fp32 unless an fp64 one joins), then the
+        square root."""
+        total, wide = 0.0, False
+        for i, b in enumerate(buckets):
+            value = b.ops.sumsq_value(
+                grads_of(b), b.params, adaptive=adaptive, eta=b.group.get("eta", 0.0),
+                centralize=centralize,
+                row_means=self._row_means(b.sources) if row_means else None)
+            if i == 0:
+                total, wide = value, b.dtype == torch.float64
+            else:
+                wide = wide or b.dtype == torch.float64
+                total = total + value if wide else _f32(total + value)
+        root = math.sqrt(total) if total >= 0 or math.isnan(total) else math.nan
+        return (root if wide else _f32(root)), wide
 
     def _dot(self, buckets: Sequence[Bucket], xs_of, ys_of) -> Tensor:
         return self._reduce((b.reduce_over, b.ops.dot(xs_of(b), ys_of(b))) for b in buckets)

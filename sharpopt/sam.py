@@ -15,13 +15,14 @@ see :mod:`sharpopt.schedules`).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from ._core import SharpnessAware, _SkipStep
-from ._plan import Bucket, _check_positive
+from ._plan import Bucket, _check_positive, _f32
 from .schedules import EveryK, Schedule
 
 __all__ = ["SAM", "ASAM", "GCSAM"]
@@ -172,6 +173,10 @@ class SAM(SharpnessAware):
         norm = self._take_norm() if grads_of is None else None
         if grads_of is None:
             grads_of = _grads
+        if norm is None and self._run.inv_scale is None and self._host_scalars(buckets) \
+                and not any(isinstance(self._rho(b.group), Tensor) for b in buckets):
+            self._perturb_on_host(buckets, grads_of, sign, save, adaptive)
+            return
         if norm is None:
             norm = self._norm(buckets, grads_of, adaptive=adaptive,
                               centralize=self._centralize_norm, row_means=centralize)
@@ -192,6 +197,26 @@ class SAM(SharpnessAware):
                 row_means=self._row_means(b.sources) if centralize else None, save=save,
                 **({} if flags is None else {"found_inf": flags[b.device]}),
             )
+
+    def _perturb_on_host(self, buckets: List[Bucket], grads_of, sign: float, save: bool,
+                         adaptive: bool) -> None:
+        """:meth:`_perturb` with its scalars as Python floats (see ``_host_scalars``): the
+        same operations in the same dtype, ``scale = (sign · rho) · (1 / (‖u‖ + eps))`` as
+        torch evaluates ``sign * rho / denom``."""
+        centralize = self._centralize_direction
+        norm, wide = self._norm_value(buckets, grads_of, adaptive=adaptive,
+                                      centralize=self._centralize_norm, row_means=centralize)
+        if self._run.by_norm and not math.isfinite(norm):   # the guard's verdict (CPU)
+            raise FloatingPointError(self._nonfinite_message("the first pass"))
+        rnd = (lambda x: x) if wide else _f32
+        denom = rnd(norm + rnd(self.perturb_eps))
+        inv = rnd(1.0 / denom) if denom != 0 else math.copysign(math.inf, denom)
+        for b in buckets:
+            scale = rnd(inv * rnd(sign * self._rho(b.group)))
+            b.ops.perturb(
+                b.params, grads_of(b), self._buffers("saved", b.sources), scale,
+                adaptive=adaptive, eta=b.group["eta"],
+                row_means=self._row_means(b.sources) if centralize else None, save=save)
 
     def _ascent(self, buckets: List[Bucket]) -> bool:
         if not self._will_perturb():

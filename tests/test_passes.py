@@ -742,6 +742,41 @@ def test_triton_plans_are_cached_and_split(triton_target, monkeypatch):
     assert len({ln.cols for ln in rows.launches}) >= 3, "one launch per column tile expected"
 
 
+def test_triton_new_addresses_reuse_the_layout_and_write_every_address(triton_target,
+                                                                       monkeypatch):
+    """New tensors of the same sizes (new gradients after zero_grad(set_to_none=True)) get a
+    new plan built on the cached launch layout: every address word is the new tensor's,
+    every other word is the first plan's, and a new tensor the kernels cannot walk is
+    still refused."""
+    monkeypatch.setattr(tables, "MAX_TENSORS", 3)     # several launches, one partial
+    gen = torch.Generator().manual_seed(61)
+    shapes = [(CH * 3 + 5,)] + flat_shapes()
+    dev = triton_target.device
+    xs, ys = rand(shapes, torch.float32, dev, gen), rand(shapes, torch.float32, dev, gen)
+    one = tables.plan("flat", [xs, ys, None])
+    layouts = len(tables._layouts)
+    new = clones(xs)
+    two = tables.plan("flat", [new, ys, None])
+    assert two is not one and len(tables._layouts) == layouts, "the layout should be reused"
+    assert [ln.first for ln in two.launches] == [ln.first for ln in one.launches]
+    for k, (a, b) in enumerate(zip(one.launches, two.launches)):
+        n = a.ntensors
+        wa, wb = a.table.cpu(), b.table.cpu()
+        assert torch.equal(wa[3 * n:], wb[3 * n:]), f"launch {k}: sizes or blocks changed"
+        assert torch.equal(wa[n:2 * n], wb[n:2 * n]), f"launch {k}: the unchanged list's row"
+        assert not wb[2 * n:3 * n].any(), f"launch {k}: an absent list must read 0"
+        got = wb[:n].tolist()
+        assert len(set(got) & set(wa[:n].tolist())) == 0, f"launch {k}: an old address left"
+        assert set(got) <= {t.data_ptr() for t in new}, f"launch {k}: unknown address"
+    assert sorted(a for ln in two.launches for a in ln.table.cpu()[:ln.ntensors].tolist()) \
+        == sorted(t.data_ptr() for t in new if t.numel()), \
+        "each new tensor's address exactly once (empty tensors have no program)"
+    strided = list(clones(xs))
+    strided[2] = torch.empty(2 * strided[2].numel(), device=dev)[::2].view_as(strided[2])
+    with pytest.raises(ValueError, match="tensor 2 of a pass"):
+        tables.plan("flat", [xs, strided, None])
+
+
 def test_triton_every_pass_with_split_launches(triton_target, monkeypatch):
     """More tensors than one table holds, and a tensor whose chunks span launches."""
     ops, dev = triton_target.ops, triton_target.device

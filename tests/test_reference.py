@@ -252,3 +252,22 @@ def test_sam_with_momentum_sgd_two_steps(backend):
         wk = wk - 0.1 * (d + 0.9 * buf)
         check(w, wk, "SAM + SGD(momentum, nesterov, weight decay)")
     assert np.allclose(opt.base_optimizer.state[w]["momentum_buffer"].numpy(), buf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_square_root_is_correctly_rounded(dtype):
+    """The reference's Adam denominator takes a correctly rounded square root on every
+    CPU (torch's own is one ulp off for many inputs on some CPUs). ``math.sqrt`` rounds
+    correctly in fp64, and rounding that to fp32 is the correctly rounded fp32 root."""
+    from sharpopt.backends.reference import sqrt_rn
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(4000, generator=gen, dtype=torch.float64).mul(1e-3).to(dtype)
+    got = sqrt_rn(x)
+    want = torch.tensor([math.sqrt(v) for v in x.tolist()], dtype=torch.float64).to(dtype)
+    bad = (got != want).nonzero().flatten().tolist()
+    assert got.dtype == dtype and not bad, \
+        f"{len(bad)} of {x.numel()} roots not correctly rounded, first at {bad[:3]}"
+    cl = torch.rand(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last)
+    assert torch.equal(sqrt_rn(cl), sqrt_rn(cl.contiguous())), "a channels_last input"
+

@@ -326,18 +326,18 @@ double sum_partials(const std::vector<double>& p) {
 // row with two passes over each row: the exact mean first, then the centred sum of
 // squares (no cancellation, and a row is small enough to be read again from cache).
 // ---------------------------------------------------------------------------------
-Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
-             double eta, bool centralize, const sharpopt::OptionalTensorList& row_means) {
-  if (grads.empty()) return scalar_out(0, false);
+double sumsq_sum(const TensorList& grads, const TensorList& params, bool adaptive,
+                 double eta, bool centralize, const sharpopt::OptionalTensorList& row_means) {
+  if (grads.empty()) return 0.0;
   check_dtype(grads);
   check_list(grads, grads, "grads");
   if (adaptive) check_list(params, grads, "params");
   TORCH_CHECK(row_means.empty() || row_means.size() == grads.size(),
               "sharpopt cpu: row_means must have one entry per tensor");
-  const bool fp64 = grads[0].scalar_type() == at::kDouble;
 
-  std::vector<float*> means(grads.size(), nullptr);
-  std::vector<Unit> units;
+  sharpopt::Reused<float*> means;
+  means.assign(grads.size(), nullptr);
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < grads.size(); ++i) {
     const Tensor& g = grads[i];
     means[i] = row_means_ptr(row_means, i, g);
@@ -350,7 +350,8 @@ Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
     if (rows) add_row_units(units, int32_t(i), g.size(0), g.numel() / g.size(0));
     else add_element_units(units, int32_t(i), g.numel());
   }
-  std::vector<double> partial(units.size(), 0.0);
+  sharpopt::Reused<double> partial;
+  partial.assign(units.size(), 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(), "sharpopt_sumsq", [&] {
     using R = scalar_t;
@@ -392,7 +393,22 @@ Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
       partial[idx] = acc;
     });
   });
-  return scalar_out(sum_partials(partial), fp64);
+  return sum_partials(partial);
+}
+
+// The sum as a 0-dim tensor of the accumulation dtype (fp32, or fp64 for fp64 gradients).
+Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
+             double eta, bool centralize, const sharpopt::OptionalTensorList& row_means) {
+  const double sum = sumsq_sum(grads, params, adaptive, eta, centralize, row_means);
+  return scalar_out(sum, !grads.empty() && grads[0].scalar_type() == at::kDouble);
+}
+
+// The same value as a Python float, rounded to the tensor's dtype as `sumsq` stores it:
+// where the step's scalars are read on the host anyway (CPU), no tensor is made.
+double sumsq_value(const TensorList& grads, const TensorList& params, bool adaptive,
+                   double eta, bool centralize, const sharpopt::OptionalTensorList& row_means) {
+  const double sum = sumsq_sum(grads, params, adaptive, eta, centralize, row_means);
+  return !grads.empty() && grads[0].scalar_type() == at::kDouble ? sum : double(float(sum));
 }
 
 Tensor dot(const TensorList& xs, const TensorList& ys) {
@@ -400,9 +416,10 @@ Tensor dot(const TensorList& xs, const TensorList& ys) {
   check_dtype(xs);
   check_list(xs, xs, "xs");
   check_list(ys, xs, "ys");
-  std::vector<Unit> units;
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < xs.size(); ++i) add_element_units(units, int32_t(i), xs[i].numel());
-  std::vector<double> partial(units.size(), 0.0);
+  sharpopt::Reused<double> partial;
+  partial.assign(units.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs[0].scalar_type(), "sharpopt_dot", [&] {
     using R = scalar_t;
     for_units(units, [&](const Unit& u, int64_t idx) {
@@ -467,8 +484,9 @@ void perturb(const TensorList& params, const TensorList& grads,
   TORCH_CHECK(row_means.empty() || row_means.size() == params.size(),
               "sharpopt cpu: row_means must have one entry per tensor");
   const PerturbArgs<double> args{scalar_value(scale, scale_t), eta, adaptive};
-  std::vector<float*> means(params.size(), nullptr);
-  std::vector<Unit> units;
+  sharpopt::Reused<float*> means;
+  means.assign(params.size(), nullptr);
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) {
     means[i] = row_means_ptr(row_means, i, grads[i]);
     if (params[i].numel() == 0) continue;
@@ -509,7 +527,7 @@ void restore(const TensorList& params, const TensorList& saved) {
   if (params.empty()) return;
   check_list(params, params, "params");
   check_list(saved, params, "saved");
-  std::vector<Unit> units;
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
   const int64_t es = params[0].element_size();
   for_units(units, [&](const Unit& u, int64_t) {
@@ -535,7 +553,7 @@ void lincomb(const TensorList& out, const std::vector<TensorList>& xs,
   for (int k = 0; k < K; ++k) check_list(xs[k], out, "xs[k]");
   double c[3] = {0, 0, 0};
   for (int k = 0; k < K; ++k) c[k] = scalar_value(coefs[k], coef_tensors.empty() ? OptTensor() : coef_tensors[k]);
-  std::vector<Unit> units;
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < out.size(); ++i) add_element_units(units, int32_t(i), out[i].numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out[0].scalar_type(), "sharpopt_lincomb", [&] {
     using R = scalar_t;
@@ -584,9 +602,10 @@ void restore_sgd(const TensorList& params, const TensorList& saved, bool has_sav
     return;
   }
   const auto args = make_sgd_args(lr, weight_decay, momentum, dampening, nesterov, maximize, init_buffers);
-  std::vector<Unit> units;
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
-  std::vector<char> skipped(flag ? units.size() : 0, 0);
+  sharpopt::Reused<char> skipped;
+  skipped.assign(flag ? units.size() : 0, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_restore_sgd", [&] {
     using R = scalar_t;
     using S = OpMath<R>;
@@ -641,9 +660,10 @@ void restore_adam(const TensorList& params, const TensorList& saved, bool has_sa
     return;
   }
   const auto args = make_adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
-  std::vector<Unit> units;
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
-  std::vector<char> skipped(flag ? units.size() : 0, 0);
+  sharpopt::Reused<char> skipped;
+  skipped.assign(flag ? units.size() : 0, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_restore_adam", [&] {
     using R = scalar_t;
     using S = OpMath<R>;
@@ -713,9 +733,10 @@ Tensor msam_sgd(const TensorList& params, const TensorList& grads,
   check_list(bufs, params, "momentum_buffers");
   const auto args = make_sgd_args(lr, weight_decay, momentum, dampening, nesterov, maximize, init_buffers);
   const double back_v = has_back ? scalar_value(back, back_t) : 0.0;
-  std::vector<Unit> units;
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
-  std::vector<double> partial(units.size(), 0.0);
+  sharpopt::Reused<double> partial;
+  partial.assign(units.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_msam_sgd", [&] {
     using R = scalar_t;
     using S = OpMath<R>;
@@ -754,9 +775,10 @@ Tensor msam_adam(const TensorList& params, const TensorList& grads,
   if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
   const auto args = make_adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize);
   const double back_v = has_back ? scalar_value(back, back_t) : 0.0;
-  std::vector<Unit> units;
+  sharpopt::Reused<Unit> units;
   for (size_t i = 0; i < params.size(); ++i) add_element_units(units, int32_t(i), params[i].numel());
-  std::vector<double> partial(units.size(), 0.0);
+  sharpopt::Reused<double> partial;
+  partial.assign(units.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sharpopt_msam_adam", [&] {
     using R = scalar_t;
     using S = OpMath<R>;
@@ -852,23 +874,110 @@ py::bytes grad_key(const py::list& groups) {
   return py::bytes(out);
 }
 
+// Whether `key` (bytes from grad_key) still says which parameters of `groups` have a
+// gradient: the same comparison as grad_key(groups) == key, without making the new key
+// (no allocation, so no call into the C allocator in a step; see Reused).
+bool grad_key_is(const py::list& groups, const py::bytes& key) {
+  const char* want = PyBytes_AS_STRING(key.ptr());
+  const size_t size = size_t(PyBytes_GET_SIZE(key.ptr()));
+  size_t at = 0;
+  for (const py::handle& group : groups) {
+    PyObject* ps = group.ptr();
+    if (!PyList_Check(ps)) throw py::type_error("sharpopt: grad_key takes lists of parameters");
+    const Py_ssize_t n = PyList_GET_SIZE(ps);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(ps, i);
+      if (!tensor_at(item).unsafeGetTensorImpl()->grad().defined()) continue;
+      if (at + sizeof(item) > size || std::memcmp(want + at, &item, sizeof(item)) != 0)
+        return false;
+      at += sizeof(item);
+    }
+  }
+  return at == size;
+}
+
+// The gradient of `param` as a new reference (None where it has none).
+PyObject* grad_of(PyObject* param) {
+  const at::Tensor& g = tensor_at(param).unsafeGetTensorImpl()->grad();
+  if (!g.defined()) {
+    Py_INCREF(Py_None);
+    return Py_None;
+  }
+  PyObject* obj = THPVariable_Wrap(g);
+  if (obj == nullptr) throw py::error_already_set();
+  return obj;
+}
+
 // [p.grad for p in params] (None where a parameter has none), without Python attribute
 // look-ups.
 py::list grads(const py::list& params) {
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   py::list out(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor& g = tensor_at(PyList_GET_ITEM(params.ptr(), i)).unsafeGetTensorImpl()->grad();
-    if (g.defined()) {
-      PyObject* obj = THPVariable_Wrap(g);
-      if (obj == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(out.ptr(), i, obj);        // steals the new reference
-    } else {
-      Py_INCREF(Py_None);
-      PyList_SET_ITEM(out.ptr(), i, Py_None);
-    }
-  }
+  for (Py_ssize_t i = 0; i < n; ++i)
+    PyList_SET_ITEM(out.ptr(), i, grad_of(PyList_GET_ITEM(params.ptr(), i)));  // steals
   return out;
+}
+
+// out[i] = params[i].grad in place (out as long as params): a list kept for the purpose is
+// refilled each pass without allocating one (see Reused for why that matters).
+void grads_into(const py::list& params, const py::list& out) {
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  if (PyList_GET_SIZE(out.ptr()) != n) throw py::value_error("sharpopt: grads_into lists differ in length");
+  // The sizes are read again each time: releasing a tensor may run Python code.
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(out.ptr()) && i < PyList_GET_SIZE(params.ptr()); ++i) {
+    PyObject* old = PyList_GET_ITEM(out.ptr(), i);
+    PyList_SET_ITEM(out.ptr(), i, grad_of(PyList_GET_ITEM(params.ptr(), i)));
+    Py_DECREF(old);
+  }
+}
+
+// Every entry of `xs` set to None in place (lets go of the tensors, keeps the list's size).
+void clear_list(const py::list& xs) {
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(xs.ptr()); ++i) {   // see grads_into
+    PyObject* old = PyList_GET_ITEM(xs.ptr(), i);
+    Py_INCREF(Py_None);
+    PyList_SET_ITEM(xs.ptr(), i, Py_None);
+    Py_DECREF(old);
+  }
+}
+
+// Whether t's dimensions longer than one, taken in order of stride, fill one block of
+// memory exactly once (contiguous, channels_last, a transpose of either...): the rule of
+// sharpopt.backends.base.is_dense.
+bool fills_one_block(const at::Tensor& t) {
+  c10::SmallVector<std::pair<int64_t, int64_t>, 8> dims;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// The index of the first entry of `xs` (tensors or None) that a triton pass cannot walk as
+// one flat array beside its parameter like[i], or -1: it must be on like[0]'s device, and
+// contiguous (where the parameter is, or has another shape: a flat view) or dense and laid
+// out like the parameter. The rule of kernels/tables.py, read here for a thousand tensors
+// in microseconds (the launch tables are rebuilt whenever the gradients are new tensors).
+int64_t first_unlike(const py::list& xs, const py::list& like) {
+  const Py_ssize_t n = PyList_GET_SIZE(xs.ptr());
+  if (n == 0) return -1;
+  if (PyList_GET_SIZE(like.ptr()) < n) throw py::index_error("sharpopt: first_unlike: like is shorter");
+  const at::Device device = tensor_at(PyList_GET_ITEM(like.ptr(), 0)).device();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(xs.ptr(), i);
+    if (item == Py_None) continue;
+    const at::Tensor& t = tensor_at(item);
+    const at::Tensor& p = tensor_at(PyList_GET_ITEM(like.ptr(), i));
+    const bool ok = t.device() == device &&
+                    ((t.is_contiguous() && (p.is_contiguous() || t.sizes() != p.sizes())) ||
+                     (fills_one_block(t) && sharpopt::same_layout(t, p)));
+    if (!ok) return int64_t(i);
+  }
+  return -1;
 }
 
 // Bytes of one 8-byte value per entry of the list `xs` (tensors or None): the tensor's data
@@ -912,10 +1021,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("triad", &triad, "a <- b + s * c (fp32), for bandwidth measurements");
   m.def("advance_steps", &advance_steps, "Adam step counters += delta; (lowest, highest)");
   m.def("grad_key", &grad_key, "addresses of the parameters that have a gradient (bytes)");
+  m.def("grad_key_is", &grad_key_is, "grad_key(groups) == key, without making the key");
   m.def("grads", &grads, "[p.grad for p in params]");
+  m.def("grads_into", &grads_into, "out[i] = params[i].grad, in place");
+  m.def("clear_list", &clear_list, "every entry set to None, in place");
+  m.def("first_unlike", &first_unlike, "first entry a triton pass cannot walk beside its parameter");
   m.def("data_ptrs", &data_ptrs, "data addresses of a tensor list (bytes, 0 for None)");
   m.def("numels", &numels, "element counts of a tensor list (bytes)");
   m.def("sumsq", &sumsq);
+  m.def("sumsq_value", &sumsq_value);
   m.def("dot", &dot);
   m.def("perturb", &perturb);
   m.def("restore", &restore);

@@ -85,6 +85,12 @@ class Ops:
         """
         raise NotImplementedError
 
+    def sumsq_value(self, grads: Sequence[Tensor], params: Sequence[Tensor], **kwargs) -> float:
+        """:meth:`sumsq` read on the host, as a Python float (its value in its dtype). Only
+        called where a host read costs nothing (CPU tensors); a backend whose pass can hand
+        the value over without making a tensor overrides it."""
+        return self.sumsq(grads, params, **kwargs).item()
+
     def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
         """``Σ_i ⟨x_i, y_i⟩``."""
         raise NotImplementedError

@@ -52,6 +52,11 @@ class CpuOps(Ops):
         return self._ext.sumsq(_seq(grads), _seq(params) if adaptive else [], bool(adaptive),
                                float(eta), bool(centralize), _opt(row_means))
 
+    def sumsq_value(self, grads, params, *, adaptive, eta, centralize, row_means=None) -> float:
+        return self._ext.sumsq_value(_seq(grads), _seq(params) if adaptive else [],
+                                     bool(adaptive), float(eta), bool(centralize),
+                                     _opt(row_means))
+
     def dot(self, xs, ys) -> Tensor:
         return self._ext.dot(_seq(xs), _seq(ys))
 

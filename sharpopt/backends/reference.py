@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +29,21 @@ def _up(t: Tensor) -> Tensor:
 
 def _scalar(s: Scalar, like: Tensor):
     return s.to(device=like.device, dtype=like.dtype) if isinstance(s, Tensor) else s
+
+
+def sqrt_rn(x: Tensor) -> Tensor:
+    """``sqrt(x)`` correctly rounded, so that the numbers do not depend on the CPU: torch's
+    CPU square root is not correctly rounded on every machine (seen: torch 2.13 on an AMD
+    EPYC with AVX-512, where about one fp32 result in five and one fp64 result in seventy
+    was one ulp off), while the fused backends' kernels round correctly (a hardware square
+    root, Triton's ``sqrt_rn``). NumPy's square root is the hardware instruction; on a GPU
+    torch's is IEEE-correct already."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return x.sqrt()
+    a = x.detach().contiguous().numpy()
+    out = np.empty_like(a)            # a 0-dim input would give a NumPy scalar otherwise
+    np.sqrt(a, out=out)
+    return torch.from_numpy(out)
 
 
 # -- the per-element math, under the names of csrc/sharpopt_math.h and kernels/elementwise.py
@@ -80,7 +96,7 @@ def adam_elem(w: Tensor, m: Tensor, v: Tensor, vmax: Optional[Tensor], g: Tensor
     vv = v
     if amsgrad:
         vmax = vv = torch.maximum(vmax, v)
-    return w - (lr / bc1) * m / (vv.sqrt() / bc2_sqrt + eps), m, v, vmax
+    return w - (lr / bc1) * m / (sqrt_rn(vv) / bc2_sqrt + eps), m, v, vmax
 
 
 def _weighted(g: Tensor, w: Tensor, adaptive: bool, eta: float, centralize: bool) -> Tensor:
