@@ -38,14 +38,28 @@ void check_list(const std::vector<Tensor>& ts, const std::vector<Tensor>& like, 
   sharpopt::check_list(ts, like, "cuda", at::kCUDA, what);
 }
 
-std::vector<void*> ptrs(const std::vector<Tensor>& ts) {
-  std::vector<void*> out(ts.size());
+// The launchers' host arrays are recycled buffers (sharpopt::Reused): the first large
+// allocation after a backward pass is expensive (see sharpopt_lists.h).
+template <class T>
+using Host = sharpopt::Reused<T>;
+
+Host<void*> ptrs(const std::vector<Tensor>& ts) {
+  Host<void*> out;
+  out.resize(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) out[i] = ts[i].data_ptr();
   return out;
 }
 
-std::vector<int64_t> numels(const std::vector<Tensor>& ts) {
-  std::vector<int64_t> out(ts.size());
+// n null pointers: an absent operand list.
+Host<void*> nulls(size_t n) {
+  Host<void*> out;
+  out.assign(n, nullptr);
+  return out;
+}
+
+Host<int64_t> numels(const std::vector<Tensor>& ts) {
+  Host<int64_t> out;
+  out.resize(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) out[i] = ts[i].numel();
   return out;
 }
@@ -98,8 +112,11 @@ Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
               "sharpopt cuda: row_means must have one entry per tensor");
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const int n = int(grads.size());
-  std::vector<int64_t> numel = numels(grads), row_len(n, 0);
-  std::vector<float*> means(n, nullptr);
+  const auto numel = numels(grads);
+  Host<int64_t> row_len;
+  row_len.assign(n, 0);
+  Host<float*> means;
+  means.assign(n, nullptr);
   for (int i = 0; i < n; ++i) {
     const Tensor& g = grads[i];
     means[i] = row_means_ptr(row_means, i, g);
@@ -107,7 +124,7 @@ Tensor sumsq(const TensorList& grads, const TensorList& params, bool adaptive,
     if (means[i] && g.numel() == 0) row_means[i].fill_(std::numeric_limits<float>::quiet_NaN());
   }
   const auto g_ptrs = ptrs(grads);
-  const auto w_ptrs = adaptive ? ptrs(params) : std::vector<void*>(n, nullptr);
+  const auto w_ptrs = adaptive ? ptrs(params) : nulls(n);
   const bool f64 = grads[0].scalar_type() == at::kDouble;
   const auto opts = grads[0].options();
   const int64_t units = sc::reduction_units(n, numel.data(), row_len.data());
@@ -154,8 +171,11 @@ void perturb(const TensorList& params, const TensorList& grads,
               "sharpopt cuda: row_means must have one entry per tensor");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const int n = int(params.size());
-  std::vector<int64_t> numel = numels(params), row_len(n, 0);
-  std::vector<const float*> means(n, nullptr);
+  const auto numel = numels(params);
+  Host<int64_t> row_len;
+  row_len.assign(n, 0);
+  Host<const float*> means;
+  means.assign(n, nullptr);
   for (int i = 0; i < n; ++i) {
     means[i] = row_means_ptr(row_means, i, grads[i]);
     if (means[i] && grads[i].numel() > 0) row_len[i] = grads[i].numel() / grads[i].size(0);
@@ -196,7 +216,7 @@ void lincomb(const TensorList& out, const std::vector<TensorList>& xs,
     c[k] = dev_scalar(coefs[k], coef_tensors.empty() ? OptTensor() : coef_tensors[k], out[0].device(), keep);
   const auto numel = numels(out);
   const auto o = ptrs(out);
-  std::vector<std::vector<void*>> x(3);
+  Host<void*> x[3];
   for (int k = 0; k < K; ++k) x[k] = ptrs(xs[k]);
   check(sc::lincomb(dtype_of(out[0]), int(out.size()), K, o.data(), x[0].data(),
                     K > 1 ? x[1].data() : nullptr, K > 2 ? x[2].data() : nullptr, numel.data(), c,
@@ -218,8 +238,8 @@ void restore_sgd(const TensorList& params, const TensorList& saved, bool has_sav
                                                    maximize, init_buffers);
   const auto numel = numels(params);
   const auto w = ptrs(params), g = ptrs(grads);
-  const auto s = has_saved ? ptrs(saved) : std::vector<void*>();
-  const auto b = has_mom ? ptrs(bufs) : std::vector<void*>();
+  const auto s = has_saved ? ptrs(saved) : Host<void*>();
+  const auto b = has_mom ? ptrs(bufs) : Host<void*>();
   check(sc::restore_sgd(dtype_of(params[0]), int(params.size()), w.data(),
                         has_saved ? s.data() : nullptr, g.data(), has_mom ? b.data() : nullptr,
                         numel.data(), args, found_ptr(found_inf, params[0]),
@@ -245,8 +265,8 @@ void restore_adam(const TensorList& params, const TensorList& saved, bool has_sa
                                                     decoupled, amsgrad, maximize);
   const auto numel = numels(params);
   const auto w = ptrs(params), g = ptrs(grads), m = ptrs(exp_avgs), v = ptrs(exp_avg_sqs);
-  const auto s = has_saved ? ptrs(saved) : std::vector<void*>();
-  const auto vm = amsgrad ? ptrs(max_exp_avg_sqs) : std::vector<void*>();
+  const auto s = has_saved ? ptrs(saved) : Host<void*>();
+  const auto vm = amsgrad ? ptrs(max_exp_avg_sqs) : Host<void*>();
   check(sc::restore_adam(dtype_of(params[0]), int(params.size()), w.data(),
                          has_saved ? s.data() : nullptr, g.data(), m.data(), v.data(),
                          amsgrad ? vm.data() : nullptr, numel.data(), args,
@@ -317,7 +337,7 @@ Tensor msam_adam(const TensorList& params, const TensorList& grads,
   const int n = int(params.size());
   const auto numel = numels(params);
   const auto w = ptrs(params), g = ptrs(grads), m = ptrs(exp_avgs), v = ptrs(exp_avg_sqs);
-  const auto vm = amsgrad ? ptrs(max_exp_avg_sqs) : std::vector<void*>();
+  const auto vm = amsgrad ? ptrs(max_exp_avg_sqs) : Host<void*>();
   const auto opts = params[0].options();
   const bool f64 = params[0].scalar_type() == at::kDouble;
   Tensor ws = at::empty({std::max<int64_t>(sc::reduction_units(n, numel.data(), nullptr), 1)},
