@@ -257,20 +257,17 @@ def _check(kind: str, lists, rows_view: bool) -> None:
                                  f"(strides {tuple(t.stride())})")
 
 
-def _build(kind: str, lists, capturing: bool = False, rows_view: bool = False,
-           sizes: Optional[tuple] = None, addresses: Optional[tuple] = None) -> Plan:
+def _build(kind: str, lists, capturing: bool, rows_view: bool, sizes: tuple,
+           addresses: tuple) -> Plan:
+    """The plan of ``plan``'s key ``sizes + addresses`` (its two parts)."""
     _check(kind, lists, rows_view)
     first = lists[0]
     device = first[0].device if len(first) else torch.device("cpu")
-    if addresses is None:
-        addresses = tuple(map(_host.data_ptrs, lists))
-    parts = _layouts.get(sizes) if sizes is not None else None
+    parts = _layouts.get(sizes)
     if parts is None:
-        parts = _layout(kind, first)
-        if sizes is not None:
-            _layouts[sizes] = parts
-            if len(_layouts) > CACHE_SIZE:
-                _layouts.popitem(last=False)
+        parts = _layouts[sizes] = _layout(kind, first)
+        if len(_layouts) > CACHE_SIZE:
+            _layouts.popitem(last=False)
     else:
         _layouts.move_to_end(sizes)
     rows = [_words(a, len(first)) for a in addresses]

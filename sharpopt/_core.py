@@ -319,7 +319,7 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
         try:
             self._second_pass(buckets, same, grad_scaler, amp, pinned)
         finally:
-            for b in pinned:
+            for b in pinned:     # let go of the gradients before zero_grad frees them
                 b.unpin()
         if zero_grad:
             self.zero_grad()
@@ -328,7 +328,8 @@ class SharpnessAware(_FusedUpdate, _FiniteChecks, _Core, metaclass=SortKeywords)
     def _second_pass(self, buckets: List[Bucket], same: bool, grad_scaler,
                      amp: Optional[tuple], pinned: List[Bucket]) -> None:
         """The checks and the descent of ``_second``, with the gradients of every bucket
-        read once (``pinned`` lists the buckets pinned, for the caller to unpin)."""
+        read once: the buckets it pins go into ``pinned``, which the caller unpins (the
+        late ones are found here, and a failed check may leave the pass at any point)."""
         guard = base_flag = None
         try:
             late = [] if same else self._late(buckets)

@@ -173,24 +173,27 @@ class SAM(SharpnessAware):
         norm = self._take_norm() if grads_of is None else None
         if grads_of is None:
             grads_of = _grads
+        rhos = [self._rho(b.group) for b in buckets]
+        flags = None
         if norm is None and self._run.inv_scale is None and self._host_scalars(buckets) \
-                and not any(isinstance(self._rho(b.group), Tensor) for b in buckets):
-            self._perturb_on_host(buckets, grads_of, sign, save, adaptive)
-            return
-        if norm is None:
-            norm = self._norm(buckets, grads_of, adaptive=adaptive,
-                              centralize=self._centralize_norm, row_means=centralize)
-        inv = self._run.inv_scale
-        if inv is not None:   # the gradients still carry a loss scale s: ‖g‖ = ‖s·g‖ / s
-            norm = norm * inv.to(norm.device)
-            if not bool(torch.isfinite(norm)):   # the one host sync, as the unscale's
-                raise _SkipStep
-        flags = self._guard_norm(norm, buckets)
-        denom = norm + self.perturb_eps
-        for b in buckets:
-            scale = sign * self._on(self._rho(b.group), b.device) / denom.to(b.device)
+                and not any(isinstance(rho, Tensor) for rho in rhos):
+            scales = self._host_scales(buckets, grads_of, rhos, sign, adaptive)
+        else:
+            if norm is None:
+                norm = self._norm(buckets, grads_of, adaptive=adaptive,
+                                  centralize=self._centralize_norm, row_means=centralize)
+            inv = self._run.inv_scale
+            if inv is not None:   # the gradients still carry a loss scale s: ‖g‖ = ‖s·g‖ / s
+                norm = norm * inv.to(norm.device)
+                if not bool(torch.isfinite(norm)):   # the one host sync, as the unscale's
+                    raise _SkipStep
+            flags = self._guard_norm(norm, buckets)
+            denom = norm + self.perturb_eps
+            scales = [sign * self._on(rho, b.device) / denom.to(b.device)
+                      for b, rho in zip(buckets, rhos)]
             if inv is not None:
-                scale = scale * inv.to(b.device)
+                scales = [scale * inv.to(b.device) for b, scale in zip(buckets, scales)]
+        for b, scale in zip(buckets, scales):
             b.ops.perturb(
                 b.params, grads_of(b), self._buffers("saved", b.sources), scale,
                 adaptive=adaptive, eta=b.group["eta"],
@@ -198,25 +201,21 @@ class SAM(SharpnessAware):
                 **({} if flags is None else {"found_inf": flags[b.device]}),
             )
 
-    def _perturb_on_host(self, buckets: List[Bucket], grads_of, sign: float, save: bool,
-                         adaptive: bool) -> None:
-        """:meth:`_perturb` with its scalars as Python floats (see ``_host_scalars``): the
-        same operations in the same dtype, ``scale = (sign · rho) · (1 / (‖u‖ + eps))`` as
-        torch evaluates ``sign * rho / denom``."""
-        centralize = self._centralize_direction
+    def _host_scales(self, buckets: List[Bucket], grads_of, rhos: List[float], sign: float,
+                     adaptive: bool) -> List[float]:
+        """The perturbation's scale of each bucket as a Python float (see
+        ``_host_scalars``): the same operations in the same dtype as the tensor path,
+        ``scale = (sign · rho) · (1 / (‖u‖ + eps))`` as torch evaluates ``sign * rho /
+        denom``; raises FloatingPointError on a non-finite norm under the guard (CPU)."""
         norm, wide = self._norm_value(buckets, grads_of, adaptive=adaptive,
-                                      centralize=self._centralize_norm, row_means=centralize)
+                                      centralize=self._centralize_norm,
+                                      row_means=self._centralize_direction)
         if self._run.by_norm and not math.isfinite(norm):   # the guard's verdict (CPU)
             raise FloatingPointError(self._nonfinite_message("the first pass"))
         rnd = (lambda x: x) if wide else _f32
         denom = rnd(norm + rnd(self.perturb_eps))
         inv = rnd(1.0 / denom) if denom != 0 else math.copysign(math.inf, denom)
-        for b in buckets:
-            scale = rnd(inv * rnd(sign * self._rho(b.group)))
-            b.ops.perturb(
-                b.params, grads_of(b), self._buffers("saved", b.sources), scale,
-                adaptive=adaptive, eta=b.group["eta"],
-                row_means=self._row_means(b.sources) if centralize else None, save=save)
+        return [rnd(inv * rnd(sign * rho)) for rho in rhos]
 
     def _ascent(self, buckets: List[Bucket]) -> bool:
         if not self._will_perturb():

@@ -252,9 +252,12 @@ def test_scalars_on_the_host_give_the_tensor_path_bit_for_bit(algo, backend, mon
     def run(host: bool):
         if not host:
             monkeypatch.setattr(_finite._FiniteChecks, "_host_scalars", lambda self, b: False)
-        on_host = sharpopt.SAM._perturb_on_host
-        monkeypatch.setattr(sharpopt.SAM, "_perturb_on_host",
-                            lambda self, *a: (calls.append(host), on_host(self, *a)))
+        on_host = sharpopt.SAM._host_scales
+
+        def spy(self, *args):
+            calls.append(host)
+            return on_host(self, *args)
+        monkeypatch.setattr(sharpopt.SAM, "_host_scales", spy)
         gen = torch.Generator().manual_seed(11)
         groups = [
             {"params": [torch.nn.Parameter(torch.randn(5, 7, generator=gen)),

@@ -854,23 +854,32 @@ const at::Tensor& tensor_at(PyObject* item) {
   return THPVariable_Unpack(item);
 }
 
-// The parameters of the lists `groups` (one per param group) that have a gradient now: their
-// addresses in order, as bytes. Equal bytes mean the same parameters, in the same order,
-// have gradients (the caller's plan holds them, so no address is reused meanwhile).
-py::bytes grad_key(const py::list& groups) {
-  std::string out;
+// Calls visit(param) for every parameter of the lists `groups` (one per param group) that
+// has a gradient now, in order, until visit returns false; false when it stopped early.
+template <class Visit>
+bool for_each_with_grad(const py::list& groups, const Visit& visit) {
   for (const py::handle& group : groups) {
     PyObject* ps = group.ptr();
     if (!PyList_Check(ps)) throw py::type_error("sharpopt: grad_key takes lists of parameters");
     const Py_ssize_t n = PyList_GET_SIZE(ps);
-    out.reserve(out.size() + size_t(n) * sizeof(PyObject*));
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(ps, i);
       // The TensorImpl's own slot: Tensor::grad() would also warn for non-leaf tensors.
-      if (tensor_at(item).unsafeGetTensorImpl()->grad().defined())
-        out.append(reinterpret_cast<const char*>(&item), sizeof(item));
+      if (tensor_at(item).unsafeGetTensorImpl()->grad().defined() && !visit(item)) return false;
     }
   }
+  return true;
+}
+
+// Those parameters' addresses in order, as bytes. Equal bytes mean the same parameters, in
+// the same order, have gradients (the caller's plan holds them, so no address is reused
+// meanwhile).
+py::bytes grad_key(const py::list& groups) {
+  std::string out;
+  for_each_with_grad(groups, [&](PyObject* item) {
+    out.append(reinterpret_cast<const char*>(&item), sizeof(item));
+    return true;
+  });
   return py::bytes(out);
 }
 
@@ -881,19 +890,13 @@ bool grad_key_is(const py::list& groups, const py::bytes& key) {
   const char* want = PyBytes_AS_STRING(key.ptr());
   const size_t size = size_t(PyBytes_GET_SIZE(key.ptr()));
   size_t at = 0;
-  for (const py::handle& group : groups) {
-    PyObject* ps = group.ptr();
-    if (!PyList_Check(ps)) throw py::type_error("sharpopt: grad_key takes lists of parameters");
-    const Py_ssize_t n = PyList_GET_SIZE(ps);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* item = PyList_GET_ITEM(ps, i);
-      if (!tensor_at(item).unsafeGetTensorImpl()->grad().defined()) continue;
-      if (at + sizeof(item) > size || std::memcmp(want + at, &item, sizeof(item)) != 0)
-        return false;
-      at += sizeof(item);
-    }
-  }
-  return at == size;
+  const bool prefix = for_each_with_grad(groups, [&](PyObject* item) {
+    if (at + sizeof(item) > size || std::memcmp(want + at, &item, sizeof(item)) != 0)
+      return false;
+    at += sizeof(item);
+    return true;
+  });
+  return prefix && at == size;
 }
 
 // The gradient of `param` as a new reference (None where it has none).
