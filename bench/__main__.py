@@ -34,8 +34,10 @@ free events of PyTorch's CPU allocator recorded by ``torch.profiler(profile_memo
 runtime, are not seen).
 
 Bandwidth: a copy (``b.copy_(a)``, 8 B per element) and a triad (``a = b + s·c``, 12 B)
-on fp32 arrays much larger than the caches, in the same run; the best of several repeats
-is the ceiling (as STREAM reports), and ``%triad`` is a provider's byte-model GB/s over it.
+on fp32 arrays much larger than the caches, timed at the start (the header line, and the
+chart's copy line). The triad is also timed once in every round of every case, beside the
+providers: ``%triad`` is a provider's byte-model GB/s over that triad's median, so the two
+are measured in the same seconds (a shared machine's bandwidth drifts within minutes).
 
 Host cost (:mod:`bench.bench_host`, ``--no-host`` skips it): the public SAM step on 160 and
 1200 one-element tensors, so that only the host's work is timed, in µs per tensor next to
@@ -58,7 +60,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -86,6 +88,14 @@ def _quantiles(xs: List[float]) -> dict:
 
 
 # -- bandwidth ceiling ----------------------------------------------------------------
+def triad_probe(device: torch.device, n: int) -> Tuple[Callable[[], None], int]:
+    """The triad a = b + s·c on fp32 arrays of ``n`` elements, and the bytes it counts."""
+    a = torch.empty(n, device=device)
+    b = torch.rand(n, device=device)
+    c = torch.rand(n, device=device)
+    return (lambda: torch.add(b, c, alpha=0.5, out=a)), 12 * n
+
+
 def measure_bandwidth(device: torch.device, n: int, repeats: int) -> dict:
     """Copy and triad GB/s on fp32 arrays of ``n`` elements (best and median)."""
     sync = _sync(device)
@@ -196,7 +206,7 @@ def _ulp_diff(ws, refs) -> float:
 
 
 def run_case(args, device, workload: str, dtype_name: str, algo: str, base: str,
-             bandwidth: dict, log) -> dict:
+             probe: Tuple[Callable[[], None], int], log) -> dict:
     dtype = DTYPES[dtype_name]
     pset = make_params(workload, dtype, device)
     init = pset.clone_state()
@@ -308,7 +318,15 @@ def run_case(args, device, workload: str, dtype_name: str, algo: str, base: str,
     n = len(live)
     log(f"    timing {args.warmup} + {args.repeats} interleaved rounds ...")
     spent = {row["provider"]: 0.0 for row in live}
+    triad, triad_bytes = probe
+    triad_ts = []
     for r in range(args.warmup + args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        triad()
+        sync()
+        if r >= args.warmup:
+            triad_ts.append(time.perf_counter() - t0)
         for row in live[r % n:] + live[:r % n] if n else []:
             if spent[row["provider"]] > args.budget and times[row["provider"]]:
                 continue    # this provider has had its time; keep the samples it has
@@ -322,12 +340,14 @@ def run_case(args, device, workload: str, dtype_name: str, algo: str, base: str,
             spent[row["provider"]] += dt
             if r >= args.warmup:
                 times[row["provider"]].append(dt / per_sample)
+    triad_gbs = {"median": triad_bytes / statistics.median(triad_ts) / 1e9,
+                 "best": triad_bytes / min(triad_ts) / 1e9, "n": len(triad_ts)}
     for row in live:
         row.pop("_holder")
         q = _quantiles([t * 1e3 for t in times[row["provider"]]])
         row["ms"] = q
         row["gbs"] = model_bytes / (q["median"] / 1e3) / 1e9
-        row["frac_triad"] = row["gbs"] / bandwidth["triad"]["best_gbs"]
+        row["frac_triad"] = row["gbs"] / triad_gbs["median"]
 
     eager = next((r for r in rows if r["provider"] == "eager" and "ms" in r), None)
     for r in rows:
@@ -337,7 +357,7 @@ def run_case(args, device, workload: str, dtype_name: str, algo: str, base: str,
         "workload": workload, "title": pset.title, "dtype": dtype_name, "algo": algo,
         "base": base, "n_params": pset.n_params, "n_tensors": pset.n_tensors,
         "model_bytes_per_param": model_bpp, "handover_ms": handover_ms,
-        "calls_per_sample": per_sample, "rows": rows,
+        "calls_per_sample": per_sample, "triad_gbs": triad_gbs, "rows": rows,
     }
 
 
@@ -416,6 +436,7 @@ def main(argv=None) -> int:
     bw = measure_bandwidth(device, n_bw, 5 if args.quick else 10)
     log(f"bandwidth ({bw['array_mb']:.0f} MB fp32 arrays, best of runs): copy "
         f"{bw['copy']['best_gbs']:.1f} GB/s, triad {bw['triad']['best_gbs']:.1f} GB/s")
+    probe = triad_probe(device, n_bw)
     cases = []
     # RBO has no base optimizer: it runs once per workload and dtype
     combos = [(w, d, a, b) for w in args.workloads for d in args.dtypes for a in args.algos
@@ -423,7 +444,7 @@ def main(argv=None) -> int:
     for i, (w, d, a, b) in enumerate(combos, 1):
         base_label = "-" if a == "rbo" else b
         log(f"[{i}/{len(combos)}] {WORKLOADS[w][0]} {d} {a} + {base_label}")
-        case = run_case(args, device, w, d, a, b, bw, log)
+        case = run_case(args, device, w, d, a, b, probe, log)
         cases.append(case)
         log(report.format_case(case, bw))
     msam_rows = []

@@ -14,9 +14,13 @@ The parameter set has the shapes of ResNet-50 (161 tensors, 25.6 M parameters, f
       restore_sgd(...)  or  restore_adam(...)
 
 The floor is the docs/byte-model.md count (40 B/param with SGD-momentum, 48 B/param with
-AdamW) over the triad bandwidth ``a = b + s * c`` measured in the same run (12 B/element,
-the STREAM convention). Candidates are timed round-robin; the figures are the median, with
-the best run and the p10-p90 spread beside it. Results are printed and appended as one
+AdamW) over the triad bandwidth ``a = b + s * c`` (12 B/element, the STREAM convention).
+The triad is one more candidate of the same round robin as the steps and the passes, so
+the floor is measured in the same seconds as what it is compared with: on a shared
+virtual machine the bandwidth drifts by up to 2x within minutes, and a triad timed once
+before the run put the same kernels anywhere between 79 % and 97 % of "the floor". The
+figures are medians, with the best run and the p10-p90 spread beside them; % of the floor
+is the triad's median time over the candidate's, scaled by their bytes. Results are printed and appended as one
 JSON line to ``bench/out/bench_cpu.jsonl`` with the machine, versions, date and command.
 
     python bench/bench_cpu.py [--repeat 15] [--threads N] [--backends cpu,foreach]
@@ -58,10 +62,6 @@ def resnet50_shapes():
     return shapes + [(1000, 2048), (1000,)]
 
 
-def timeit(fn, repeat, warmup=2):
-    return round_robin({"fn": fn}, repeat, warmup)["fn"]
-
-
 def round_robin(fns, repeat, warmup=2):
     """Times each callable `repeat` times, interleaved, so that load from other processes on
     a shared machine falls on every candidate alike."""
@@ -82,16 +82,18 @@ def quantiles(ts):
     return {"min": min(ts), "p10": q[0], "median": statistics.median(ts), "p90": q[-1]}
 
 
-def triad_bandwidth(repeat):
-    """Best triad bandwidth (12 B/element) of torch.add and of the extension's own triad."""
+TRIAD_N = 32 * 2 ** 20  # 3 x 128 MiB: far beyond any last-level cache
+
+
+def triads():
+    """The triad a = b + s*c (12 B/element) of torch.add and of the extension's own loop
+    (the passes' threading and vector code), as callables."""
     from sharpopt._build import load_extension
 
     ext = load_extension("cpu")
-    n = 32 * 2 ** 20  # 3 x 128 MiB: far beyond any last-level cache
-    a, b, c = torch.empty(n), torch.randn(n), torch.randn(n)
-    ts = round_robin({"torch": lambda: torch.add(b, c, alpha=0.5, out=a),
-                      "c++": lambda: ext.triad(a, b, c, 0.5)}, repeat)
-    return {k: 12 * n / min(v) for k, v in ts.items()}
+    a, b, c = torch.empty(TRIAD_N), torch.randn(TRIAD_N), torch.randn(TRIAD_N)
+    return {"torch": lambda: torch.add(b, c, alpha=0.5, out=a),
+            "c++": lambda: ext.triad(a, b, c, 0.5)}
 
 
 def make_state(shapes, gen):
@@ -179,16 +181,13 @@ def main():
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     backends = {name: resolve(name, torch.device("cpu")) for name in names}
 
-    triads = triad_bandwidth(args.repeat)
-    bw = max(triads.values())
+    tri = triads()
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {len(shapes)} tensors, {n / 1e6:.2f} M params fp32")
-    print(f"# triad a = b + s*c, 12 B/element, best of {args.repeat}: "
-          + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in triads.items())
-          + f"; the floor uses {bw / 1e9:.2f}")
-    print(f"# times: median, best and p10-p90 of {args.repeat} interleaved runs; GB/s (byte "
-          f"model) and % of the floor from the median. A triad also reads each written line "
-          f"first (write-allocate), as do the passes' stores, so % floor can exceed 100.")
+    print(f"# times: median, best and p10-p90 of {args.repeat} interleaved runs of every row "
+          f"and of the triad; GB/s (byte model) and % of the floor from the medians. A triad "
+          f"also reads each written line first (write-allocate), as do the passes' stores, "
+          f"so % floor can exceed 100.")
 
     gen = torch.Generator().manual_seed(0)
     st = make_state(shapes, gen)
@@ -197,48 +196,56 @@ def main():
               "machine": platform.machine(), "processor": platform.processor(),
               "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(),
-              "params": n, "tensors": len(shapes),
-              "triad_GBps": {k: v / 1e9 for k, v in triads.items()}, "results": {}}
+              "params": n, "tensors": len(shapes), "triad_GBps": {}, "results": {}}
     head = (f"{'':>34} {'median ms':>9} {'best':>7} {'p10-p90':>13} {'GB/s':>6} "
             f"{'% floor':>7}")
     for opt in ("sgd", "adamw"):
         nbytes = BYTES_PER_PARAM[opt] * n
-        floor = nbytes / bw
+        # every row of this table, and the triads, in one round robin
+        cands = {("triad", k): f for k, f in tri.items()}
+        for name in names:
+            for check in (True, False):
+                cands[("step", name, check)] = public_step(shapes, opt, name, check)
+        parts = {}
+        for name, ops in backends.items():
+            parts[name] = passes(ops, st, opt)
+            cands[("passes", name)] = lambda ops=ops: sam_step(ops, st, opt)
+            for k, (f, _) in parts[name].items():
+                cands[("pass", name, k)] = f
+        times = round_robin(cands, args.repeat)
+        tri_bw = {k[1]: 12 * TRIAD_N / statistics.median(ts)
+                  for k, ts in times.items() if k[0] == "triad"}
+        bw = max(tri_bw.values())
+        record["triad_GBps"][opt] = {k: v / 1e9 for k, v in tri_bw.items()}
         print(f"\nSAM + {'SGD(momentum 0.9, wd 5e-4)' if opt == 'sgd' else 'AdamW(wd 1e-2)'}: "
-              f"byte model {BYTES_PER_PARAM[opt]} B/param -> floor {floor * 1e3:.1f} ms")
+              f"byte model {BYTES_PER_PARAM[opt]} B/param -> floor {nbytes / bw * 1e3:.1f} ms "
+              f"at the triad's {bw / 1e9:.2f} GB/s (median; "
+              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in tri_bw.items()) + ")")
         print(head)
 
         def report(label, key, ts, nb):
             q = quantiles(ts)
-            eff = nb / q["median"]
             fl = nb / bw
             print(f"{label:>34} {q['median'] * 1e3:9.2f} {q['min'] * 1e3:7.2f} "
-                  f"{q['p10'] * 1e3:6.2f}-{q['p90'] * 1e3:<6.2f} {eff / 1e9:6.2f} "
+                  f"{q['p10'] * 1e3:6.2f}-{q['p90'] * 1e3:<6.2f} {nb / q['median'] / 1e9:6.2f} "
                   f"{100 * fl / q['median']:6.0f}%")
             record["results"][f"{opt}/{key}"] = {**{k: v * 1e3 for k, v in q.items()},
                                                  "floor_ms": fl * 1e3,
                                                  "floor_fraction": fl / q["median"]}
-            return q
-        # the public step, every backend with its defaults and with the check off
-        steps = {}
-        for name in names:
-            for check in (True, False):
-                steps[(name, check)] = public_step(shapes, opt, name, check)
-        times = round_robin({k: v for k, v in steps.items()}, args.repeat)
-        for (name, check), ts in times.items():
-            label = f"{name} SAM step, " + ("defaults" if check else "check_finite=False")
-            report(label, f"step/{name}/" + ("defaults" if check else "no-check"), ts, nbytes)
-        steps.clear()
-        # the passes through Ops: the whole sequence and each pass alone
-        for name, ops in backends.items():
-            parts = passes(ops, st, opt)
-            times = round_robin({"all": lambda ops=ops: sam_step(ops, st, opt),
-                                 **{k: f for k, (f, _) in parts.items()}}, args.repeat)
-            report(f"{name} passes via Ops (3 calls)", f"passes/{name}", times.pop("all"),
-                   nbytes)
-            for k, ts in times.items():
-                report(f"{name}   {k} ({parts[k][1]} B/param)", f"passes/{name}/{k}", ts,
-                       parts[k][1] * n)
+        for key, ts in times.items():
+            if key[0] == "step":
+                _, name, check = key
+                label = f"{name} SAM step, " + ("defaults" if check else "check_finite=False")
+                report(label, f"step/{name}/" + ("defaults" if check else "no-check"), ts,
+                       nbytes)
+            elif key[0] == "passes":
+                report(f"{key[1]} passes via Ops (3 calls)", f"passes/{key[1]}", ts, nbytes)
+            elif key[0] == "pass":
+                _, name, k = key
+                nb = parts[name][k][1] * n
+                report(f"{name}   {k} ({parts[name][k][1]} B/param)", f"passes/{name}/{k}", ts,
+                       nb)
+        del cands, times
         if "cpu" in backends:
             big = allocated_bytes(lambda: sam_step(backends["cpu"], st, opt))
             print(f"  largest allocation inside a cpu step: {big} B "
