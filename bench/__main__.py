@@ -13,10 +13,11 @@ For each case (workload × dtype × algorithm × base optimizer) and each provid
    large as one update here, the table shows ``diff_ulp``, the largest difference in units
    of the dtype's spacing at the reference value), then one *steady* sample;
 3. timing: ``warmup`` + ``repeats`` interleaved rounds; each round times one sample of
-   every provider, in an order rotated every round, so that bursts of background load hit
-   all providers alike (``time.perf_counter``, synchronised on CUDA). One sample is one
-   step (one cycle of ``k`` calls for LookSAM, divided by k). A provider that has used
-   ``--budget`` seconds stops early and keeps the samples it has (column ``n``).
+   every provider, in a random order of its own (``bench.rounds``: no provider always
+   follows the same one), so that bursts of background load hit all providers alike
+   (``time.perf_counter``, synchronised on CUDA). One sample is one step (one cycle of
+   ``k`` calls for LookSAM, divided by k). A provider that has used ``--budget`` seconds
+   stops early and keeps the samples it has (column ``n``).
 
 Gradients: the step needs a fresh gradient after the ascent, as the second backward would
 produce. Three gradient sets are made once; before the ascent ``p.grad`` is pointed at set
@@ -68,6 +69,7 @@ import sharpopt
 
 from . import providers as P
 from . import report
+from .rounds import rounds
 from .workloads import WORKLOADS, bytes_per_param, make_params
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -312,22 +314,21 @@ def run_case(args, device, workload: str, dtype_name: str, algo: str, base: str,
         log(f"    {prov.name:<20} first step {holder['cold_s']:.2f} s, diff {row['diff']:.0e}"
             + (f", peak +{row['mem_peak_added_mb']:.0f} MB" if mem is not None else ""))
 
-    # timing: interleaved rounds (each round times every provider once, in a rotated
-    # order), so a burst of background load hits every provider alike
+    # timing: interleaved rounds (each round times every provider once, in a random
+    # order, see bench/rounds.py), so a burst of background load hits every provider alike
     times = {row["provider"]: [] for row in live}
-    n = len(live)
     log(f"    timing {args.warmup} + {args.repeats} interleaved rounds ...")
     spent = {row["provider"]: 0.0 for row in live}
     triad, triad_bytes = probe
     triad_ts = []
-    for r in range(args.warmup + args.repeats):
+    for r, order in enumerate(rounds(live, args.warmup + args.repeats)):
         sync()
         t0 = time.perf_counter()
         triad()
         sync()
         if r >= args.warmup:
             triad_ts.append(time.perf_counter() - t0)
-        for row in live[r % n:] + live[:r % n] if n else []:
+        for row in order:
             if spent[row["provider"]] > args.budget and times[row["provider"]]:
                 continue    # this provider has had its time; keep the samples it has
             h = row["_holder"]

@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sharpopt  # noqa: E402
 from sharpopt.backends import resolve  # noqa: E402
 
+from bench.rounds import rounds  # noqa: E402
+
 RHO, EPS = 0.05, 1e-12
 BYTES_PER_PARAM = {"sgd": 40, "adamw": 48}  # docs/byte-model.md, fp32, fused
 
@@ -64,13 +66,15 @@ def resnet50_shapes():
 
 def round_robin(fns, repeat, warmup=2):
     """Times each callable `repeat` times, interleaved, so that load from other processes on
-    a shared machine falls on every candidate alike."""
+    a shared machine falls on every candidate alike; each round in a random order of its
+    own, so that no candidate always follows the same one (see bench/rounds.py)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     out = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for order in rounds(list(fns), repeat):
+        for name in order:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             out[name].append(time.perf_counter() - t0)

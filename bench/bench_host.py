@@ -54,6 +54,8 @@ if not torch.cuda.is_available():
 import sharpopt  # noqa: E402
 from sharpopt.backends import BackendUnavailable, resolve  # noqa: E402
 
+from .rounds import rounds  # noqa: E402
+
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
          "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))}
 
@@ -197,7 +199,8 @@ def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu
         warmup: int = 20, back_to_back: bool = False, after_backward: bool = False
         ) -> Dict[str, dict]:
     """Per step name: µs per tensor (median, best, quartiles) over ``repeat`` samples,
-    taken round-robin (on CUDA each sample ends with a synchronisation), or with
+    taken round-robin, each round in a random order of its own (see ``bench.rounds``; on
+    CUDA each sample ends with a synchronisation), or with
     ``back_to_back`` all samples of one step in a row: the caches and branch predictors
     then hold that step's own objects and code (the host cost's lower bound). With
     ``after_backward`` each optimizer call follows a backward pass that makes new
@@ -211,7 +214,7 @@ def run(n: int, base: str, repeat: int, device: torch.device = torch.device("cpu
     if back_to_back:
         order = [k for k in names for _ in range(repeat)]
     else:
-        order = [k for r in range(repeat) for k in names[r % len(names):] + names[:r % len(names)]]
+        order = [k for one in rounds(names, repeat) for k in one]
     for k in order:
         times[k].append(fns[k]())
     out = {}

@@ -27,8 +27,9 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 // contiguous tensors, whose shapes may differ, are accepted as before).
 inline void check_layout(const at::Tensor& t, const at::Tensor& like, const char* backend,
                          const char* what, size_t i) {
+  // Contiguous pairs first: two flag reads, where same_layout compares shapes and strides.
   TORCH_CHECK(t.is_non_overlapping_and_dense() &&
-                  (same_layout(t, like) || (t.is_contiguous() && like.is_contiguous())),
+                  ((t.is_contiguous() && like.is_contiguous()) || same_layout(t, like)),
               "sharpopt ", backend, ": ", what, "[", i, "] must be dense and laid out like the ",
               "parameter (strides ", t.strides(), " against ", like.strides(), ")");
 }

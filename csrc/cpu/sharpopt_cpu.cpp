@@ -305,6 +305,15 @@ void check_dtype(const std::vector<Tensor>& ts) {
 
 using OptTensor = std::optional<Tensor>;
 
+// The data of an operand that check_list has accepted (its dtype is the dispatched R's, it
+// is a dense CPU tensor): data_ptr<R>() would test the dtype again, out of line, once per
+// tensor and list, a visible share of a pass's host time on small tensors. The storage
+// checks (present, allocated) stay.
+template <class R>
+inline R* data_of(const Tensor& t) {
+  return t.unsafeGetTensorImpl()->mutable_data_ptr_impl<R>();
+}
+
 // The row-mean buffer of tensor i, or null when it has none.
 float* row_means_ptr(const std::vector<Tensor>& rm, size_t i, const Tensor& g) {
   if (rm.empty() || !rm[i].defined()) return nullptr;
@@ -367,8 +376,8 @@ double sumsq_sum(const TensorList& grads, const TensorList& params, bool adaptiv
     const S s_eta = S(eta);
     const Vec<S> v_eta = Vec<S>(s_eta);
     for_units(units, [&](const Unit& u, int64_t idx) {
-      const R* g = grads[u.t].data_ptr<R>();
-      const R* w = adaptive ? params[u.t].data_ptr<R>() : nullptr;
+      const R* g = data_of<R>(grads[u.t]);
+      const R* w = adaptive ? data_of<R>(params[u.t]) : nullptr;
       auto sq = [&](const R* gp, const R* wp, int64_t n, double mu) {
         const S s_mu = S(mu);
         const Vec<S> v_mu = Vec<S>(s_mu);
@@ -431,7 +440,7 @@ Tensor dot(const TensorList& xs, const TensorList& ys) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs[0].scalar_type(), "sharpopt_dot", [&] {
     using R = scalar_t;
     for_units(units, [&](const Unit& u, int64_t idx) {
-      const R* in[2] = {xs[u.t].data_ptr<R>() + u.begin, ys[u.t].data_ptr<R>() + u.begin};
+      const R* in[2] = {data_of<R>(xs[u.t]) + u.begin, data_of<R>(ys[u.t]) + u.begin};
       partial[idx] = reduce<2, R>(in, u.end - u.begin, [](auto& x) { return x[0] * x[1]; });
     });
   });
@@ -506,9 +515,9 @@ void perturb(const TensorList& params, const TensorList& grads,
     using S = OpMath<R>;
     const auto a = both<PerturbArgs, S>(args);
     for_units(units, [&](const Unit& u, int64_t) {
-      R* w = params[u.t].data_ptr<R>();
-      R* s = saved[u.t].data_ptr<R>();
-      const R* g = grads[u.t].data_ptr<R>();
+      R* w = data_of<R>(params[u.t]);
+      R* s = data_of<R>(saved[u.t]);
+      const R* g = data_of<R>(grads[u.t]);
       // stream 0: the unperturbed weight (read from w and saved when save, else from saved),
       // stream 1: the gradient, stream 2: the new w.
       auto run = [&](int64_t b, int64_t e, float mu) {
@@ -572,8 +581,8 @@ void lincomb(const TensorList& out, const std::vector<TensorList>& xs,
       constexpr int KK = decltype(kconst)::value;
       for_units(units, [&](const Unit& u, int64_t) {
         const R* in[4] = {nullptr, nullptr, nullptr, nullptr};
-        R* o[4] = {nullptr, nullptr, nullptr, out[u.t].data_ptr<R>() + u.begin};
-        for (int k = 0; k < KK; ++k) in[k] = xs[k][u.t].data_ptr<R>() + u.begin;
+        R* o[4] = {nullptr, nullptr, nullptr, data_of<R>(out[u.t]) + u.begin};
+        for (int k = 0; k < KK; ++k) in[k] = data_of<R>(xs[k][u.t]) + u.begin;
         auto f = [&](auto& x) {
           using T = Elem<decltype(x)>;
           const T terms[3] = {x[0], x[1], x[2]};
@@ -620,10 +629,10 @@ void restore_sgd(const TensorList& params, const TensorList& saved, bool has_sav
     const auto a = both<SgdArgs, S>(args);
     for_units(units, [&](const Unit& u, int64_t idx) {
       const int64_t b = u.begin;
-      R* w = params[u.t].data_ptr<R>() + b;
-      R* buf = has_mom ? bufs[u.t].data_ptr<R>() + b : nullptr;
+      R* w = data_of<R>(params[u.t]) + b;
+      R* buf = has_mom ? data_of<R>(bufs[u.t]) + b : nullptr;
       // A first step overwrites the buffer without reading it.
-      const R* in[3] = {has_saved ? saved[u.t].data_ptr<R>() + b : w, grads[u.t].data_ptr<R>() + b,
+      const R* in[3] = {has_saved ? data_of<R>(saved[u.t]) + b : w, data_of<R>(grads[u.t]) + b,
                         init_buffers ? nullptr : buf};
       R* out[3] = {w, nullptr, buf};
       if (!flag) {
@@ -678,11 +687,11 @@ void restore_adam(const TensorList& params, const TensorList& saved, bool has_sa
     const auto a = both<AdamArgs, S>(args);
     for_units(units, [&](const Unit& u, int64_t idx) {
       const int64_t b = u.begin;
-      R* w = params[u.t].data_ptr<R>() + b;
-      R* m = exp_avgs[u.t].data_ptr<R>() + b;
-      R* v = exp_avg_sqs[u.t].data_ptr<R>() + b;
-      R* vmax = amsgrad ? max_exp_avg_sqs[u.t].data_ptr<R>() + b : nullptr;
-      const R* in[5] = {has_saved ? saved[u.t].data_ptr<R>() + b : w, grads[u.t].data_ptr<R>() + b, m, v, vmax};
+      R* w = data_of<R>(params[u.t]) + b;
+      R* m = data_of<R>(exp_avgs[u.t]) + b;
+      R* v = data_of<R>(exp_avg_sqs[u.t]) + b;
+      R* vmax = amsgrad ? data_of<R>(max_exp_avg_sqs[u.t]) + b : nullptr;
+      const R* in[5] = {has_saved ? data_of<R>(saved[u.t]) + b : w, data_of<R>(grads[u.t]) + b, m, v, vmax};
       R* out[5] = {w, nullptr, m, v, vmax};
       if (!flag) {
         span<5, R>(in, out, u.end - b, [&](auto& x) {
@@ -758,9 +767,9 @@ Tensor msam_sgd(const TensorList& params, const TensorList& grads,
     };
     for_units(units, [&](const Unit& u, int64_t idx) {
       const int64_t b = u.begin;
-      R* w = params[u.t].data_ptr<R>() + b;
-      R* buf = bufs[u.t].data_ptr<R>() + b;
-      const R* in[3] = {w, grads[u.t].data_ptr<R>() + b, init_buffers ? nullptr : buf};
+      R* w = data_of<R>(params[u.t]) + b;
+      R* buf = data_of<R>(bufs[u.t]) + b;
+      const R* in[3] = {w, data_of<R>(grads[u.t]) + b, init_buffers ? nullptr : buf};
       R* out[3] = {w, nullptr, buf};
       partial[idx] = update_and_sumsq<3, R>(in, out, 2, u.end - b, f);
     });
@@ -800,11 +809,11 @@ Tensor msam_adam(const TensorList& params, const TensorList& grads,
     };
     for_units(units, [&](const Unit& u, int64_t idx) {
       const int64_t b = u.begin;
-      R* w = params[u.t].data_ptr<R>() + b;
-      R* m = exp_avgs[u.t].data_ptr<R>() + b;
-      R* v = exp_avg_sqs[u.t].data_ptr<R>() + b;
-      R* vmax = amsgrad ? max_exp_avg_sqs[u.t].data_ptr<R>() + b : nullptr;
-      const R* in[5] = {w, grads[u.t].data_ptr<R>() + b, m, v, vmax};
+      R* w = data_of<R>(params[u.t]) + b;
+      R* m = data_of<R>(exp_avgs[u.t]) + b;
+      R* v = data_of<R>(exp_avg_sqs[u.t]) + b;
+      R* vmax = amsgrad ? data_of<R>(max_exp_avg_sqs[u.t]) + b : nullptr;
+      const R* in[5] = {w, data_of<R>(grads[u.t]) + b, m, v, vmax};
       R* out[5] = {w, nullptr, m, v, vmax};
       partial[idx] = update_and_sumsq<5, R>(in, out, 2, u.end - b, f);
     });
