@@ -71,7 +71,7 @@ def machine_isa() -> str:
 def sources(kind: str, root: Optional[Path] = None) -> List[str]:
     root = csrc_dir() if root is None else root
     if kind == "cpu":
-        return [str(root / "cpu" / "sharpopt_cpu.cpp")]
+        return [str(root / "cpu" / "sharpopt_cpu.cpp"), str(root / "cpu" / "host.cpp")]
     if kind == "cuda":
         return [str(root / "cuda" / "sharpopt_cuda.cpp"), str(root / "cuda" / "sharpopt_kernels.cu")]
     raise ValueError(f"unknown extension kind {kind!r}")
