@@ -53,7 +53,9 @@ class _StepState:
         self.armed = False          # flags[0] may say "skip" (set on the device in pass 1)
         self.guard: Optional[Dict[torch.device, Tensor]] = None
         self.base_checked = False   # the base's own step takes the device check's flag
-        self.advanced: List[Tensor] = []
+        # Lists of counters, each held as it is (not copied entry by entry: a copy touches
+        # every counter object, a cache miss each after a backward pass).
+        self.advanced: List[List[Tensor]] = []
         self.pending: List[tuple] = []   # (host copy, event, counters, step) per GPU step
         self.counts: Dict[torch.device, Tensor] = {}  # guarded GPU steps that found inf/NaN
         self.ones: Dict[torch.device, Tensor] = {}    # the unscale factor 1 of a device check

@@ -256,14 +256,16 @@ class _FiniteChecks:
             host, _, advanced, step = pending.pop(0)
             self._guard_raise(host.tolist(), advanced, f"step {step} (a previous step)")
 
-    def _guard_raise(self, rows: List[List[float]], advanced: List[Tensor], which: str) -> None:
+    def _guard_raise(self, rows: List[List[float]], advanced: List[List[Tensor]],
+                     which: str) -> None:
         """FloatingPointError when the flags ``rows`` (``[skip, found]`` per device) say so.
         A step that kept any element does not count for Adam: its step counters go back by
         one (a step whose every gradient was inf/NaN thus leaves the state as it was)."""
         skipped = any(row[0] != 0 for row in rows)
         kept = any(row[1] != 0 for row in rows)
-        if (skipped or kept) and advanced:
-            advance_steps(advanced, -1)
+        if skipped or kept:
+            for steps in advanced:
+                advance_steps(steps, -1)
         if skipped:
             raise FloatingPointError(
                 f"{type(self).__name__}: a gradient of {which} contained inf or NaN; that "

@@ -240,7 +240,7 @@ class _FusedUpdate:
             lists = self._state_lists(b, ("step", *moments))
         span = advance_steps(lists[0], 1)
         if self._run.guard is not None:
-            self._run.advanced.extend(lists[0])   # taken back if the guard kept an element
+            self._run.advanced.append(lists[0])   # taken back if the guard kept an element
         return lists, span
 
     def _adam(self, b: Bucket, saved, d) -> None:

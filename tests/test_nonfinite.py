@@ -141,16 +141,35 @@ def test_update_keeps_the_elements_whose_gradient_is_not_finite(guarded, case, h
         assert torch.isfinite(w[i]).all(), f"{where}: weights not finite"
 
 
-@pytest.mark.parametrize("case", list(UPDATES))
-def test_guard_changes_no_number_of_a_clean_update(guarded, case):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", ["sgd", "adamw-amsgrad"])
+def test_update_reports_one_bad_element_wherever_it_lies(guarded, case, dtype):
+    """found_inf[1] is set by a single inf/NaN at any position of a tensor: the CPU pass
+    records it in vector lanes and in the scalar tail apart, each of which must report."""
     kind, kw = UPDATES[case]
-    w, saved, grads, _ = _inputs(torch.float32, seed=5, poison=False, ops=guarded)
+    n = 64 + 5    # whole vectors of every width, then a tail
+    for pos in (0, 9, 31, 63, 64, n - 1):
+        w = [torch.linspace(-1, 1, n).to(dtype)]
+        grads = [torch.full((n,), 0.5).to(dtype)]
+        grads[0][pos] = float("nan") if pos % 2 else float("inf")
+        state = _state(kind, kw, w, pos)
+        found = torch.zeros(2, dtype=torch.float32)
+        _run(guarded, kind, kw, w, None, grads, state, found)
+        assert found.tolist() == [0.0, 1.0], \
+            f"{case}, {dtype}: a bad gradient at element {pos} of {n} gave {found.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", list(UPDATES))
+def test_guard_changes_no_number_of_a_clean_update(guarded, case, dtype):
+    kind, kw = UPDATES[case]
+    w, saved, grads, _ = _inputs(dtype, seed=5, poison=False, ops=guarded)
     state = _state(kind, kw, w, 5)
     w2, state2 = _clone(w), [_clone(s) for s in state]
     found = torch.zeros(2, dtype=torch.float32)
     _run(guarded, kind, kw, w, saved, grads, state, found)
     _run(guarded, kind, kw, w2, saved, grads, state2)
-    assert found.tolist() == [0.0, 0.0]
+    assert found.tolist() == [0.0, 0.0], f"{case}, {dtype}: a clean update set {found.tolist()}"
     for i in range(len(w)):
         assert torch.equal(w[i], w2[i]), f"{case}: tensor {i} differs with the guard"
         for k in range(len(state)):

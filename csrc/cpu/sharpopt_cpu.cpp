@@ -213,12 +213,11 @@ struct Seen {
   T& get() {
     if constexpr (std::is_same_v<T, S>) return s; else return v;
   }
+  // Once per unit: with one-element tensors a unit per tensor, so no store and lane loop
+  // (zero_mask has bit i set where lane i is 0, which isnan() leaves all but NaN lanes).
   bool any() const {
-    S lanes[Vec<S>::size()];
-    v.store(lanes);
-    bool found = s != s;
-    for (int i = 0; i < Vec<S>::size(); ++i) found = found || lanes[i] != lanes[i];
-    return found;
+    constexpr int kAll = int((1u << Vec<S>::size()) - 1u);
+    return s != s || v.isnan().zero_mask() != kAll;
   }
 };
 
