@@ -70,6 +70,7 @@ import sharpopt
 from . import providers as P
 from . import report
 from .rounds import rounds
+from .triad import BYTES_PER_ELEMENT, triads
 from .workloads import WORKLOADS, bytes_per_param, make_params
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,21 +91,13 @@ def _quantiles(xs: List[float]) -> dict:
 
 
 # -- bandwidth ceiling ----------------------------------------------------------------
-def triad_probe(device: torch.device, n: int) -> Tuple[Callable[[], None], int]:
-    """The triad a = b + s·c on fp32 arrays of ``n`` elements, and the bytes it counts."""
-    a = torch.empty(n, device=device)
-    b = torch.rand(n, device=device)
-    c = torch.rand(n, device=device)
-    return (lambda: torch.add(b, c, alpha=0.5, out=a)), 12 * n
-
-
 def measure_bandwidth(device: torch.device, n: int, repeats: int) -> dict:
     """Copy and triad GB/s on fp32 arrays of ``n`` elements (best and median)."""
     sync = _sync(device)
     a = torch.empty(n, device=device)
     b = torch.rand(n, device=device)
-    c = torch.rand(n, device=device)
-    kernels = {"copy": (lambda: a.copy_(b), 8), "triad": (lambda: torch.add(b, c, alpha=0.5, out=a), 12)}
+    kernels = {"copy": (lambda: a.copy_(b), 8),
+               "triad": (triads(device, n)["torch"], BYTES_PER_ELEMENT)}
     out = {"elements": n, "array_mb": n * 4 / 1e6}
     for name, (fn, bpe) in kernels.items():
         fn()
@@ -437,7 +430,7 @@ def main(argv=None) -> int:
     bw = measure_bandwidth(device, n_bw, 5 if args.quick else 10)
     log(f"bandwidth ({bw['array_mb']:.0f} MB fp32 arrays, best of runs): copy "
         f"{bw['copy']['best_gbs']:.1f} GB/s, triad {bw['triad']['best_gbs']:.1f} GB/s")
-    probe = triad_probe(device, n_bw)
+    probe = triads(device, n_bw)["torch"], BYTES_PER_ELEMENT * n_bw
     cases = []
     # RBO has no base optimizer: it runs once per workload and dtype
     combos = [(w, d, a, b) for w in args.workloads for d in args.dtypes for a in args.algos

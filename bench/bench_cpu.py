@@ -20,8 +20,9 @@ the floor is measured in the same seconds as what it is compared with: on a shar
 virtual machine the bandwidth drifts by up to 2x within minutes, and a triad timed once
 before the run put the same kernels anywhere between 79 % and 97 % of "the floor". The
 figures are medians, with the best run and the p10-p90 spread beside them; % of the floor
-is the triad's median time over the candidate's, scaled by their bytes. Results are printed and appended as one
-JSON line to ``bench/out/bench_cpu.jsonl`` with the machine, versions, date and command.
+is the triad's median time over the candidate's, scaled by their bytes. Results are
+printed and appended as one JSON line to ``bench/out/bench_cpu.jsonl`` with the machine,
+versions, date and command.
 
     python bench/bench_cpu.py [--repeat 15] [--threads N] [--backends cpu,foreach]
 """
@@ -44,6 +45,7 @@ import sharpopt  # noqa: E402
 from sharpopt.backends import resolve  # noqa: E402
 
 from bench.rounds import rounds  # noqa: E402
+from bench.triad import BYTES_PER_ELEMENT, triads  # noqa: E402
 
 RHO, EPS = 0.05, 1e-12
 BYTES_PER_PARAM = {"sgd": 40, "adamw": 48}  # docs/byte-model.md, fp32, fused
@@ -87,17 +89,6 @@ def quantiles(ts):
 
 
 TRIAD_N = 32 * 2 ** 20  # 3 x 128 MiB: far beyond any last-level cache
-
-
-def triads():
-    """The triad a = b + s*c (12 B/element) of torch.add and of the extension's own loop
-    (the passes' threading and vector code), as callables."""
-    from sharpopt._build import load_extension
-
-    ext = load_extension("cpu")
-    a, b, c = torch.empty(TRIAD_N), torch.randn(TRIAD_N), torch.randn(TRIAD_N)
-    return {"torch": lambda: torch.add(b, c, alpha=0.5, out=a),
-            "c++": lambda: ext.triad(a, b, c, 0.5)}
 
 
 def make_state(shapes, gen):
@@ -185,7 +176,7 @@ def main():
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     backends = {name: resolve(name, torch.device("cpu")) for name in names}
 
-    tri = triads()
+    tri = triads(torch.device("cpu"), TRIAD_N)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {len(shapes)} tensors, {n / 1e6:.2f} M params fp32")
     print(f"# times: median, best and p10-p90 of {args.repeat} interleaved runs of every row "
@@ -217,7 +208,7 @@ def main():
             for k, (f, _) in parts[name].items():
                 cands[("pass", name, k)] = f
         times = round_robin(cands, args.repeat)
-        tri_bw = {k[1]: 12 * TRIAD_N / statistics.median(ts)
+        tri_bw = {k[1]: BYTES_PER_ELEMENT * TRIAD_N / statistics.median(ts)
                   for k, ts in times.items() if k[0] == "triad"}
         bw = max(tri_bw.values())
         record["triad_GBps"][opt] = {k: v / 1e9 for k, v in tri_bw.items()}

@@ -30,6 +30,7 @@ import torch
 
 import sharpopt
 
+from .triad import BYTES_PER_ELEMENT, triads
 from .workloads import WORKLOADS, make_params
 
 # Accesses per parameter per step (each costs the element size in bytes).
@@ -60,17 +61,7 @@ class _Triad:
     N = 2 ** 24
 
     def __init__(self, device: torch.device):
-        n = self.N
-        self.a, self.b, self.c = (torch.empty(n, device=device), torch.rand(n, device=device),
-                                  torch.rand(n, device=device))
-        self.fns = [lambda: torch.add(self.b, self.c, alpha=0.5, out=self.a)]
-        if device.type == "cpu":
-            try:
-                from sharpopt._build import load_extension
-                ext = load_extension("cpu")
-                self.fns.append(lambda: ext.triad(self.a, self.b, self.c, 0.5))
-            except Exception:  # no extension: torch.add alone
-                pass
+        self.fns = list(triads(device, self.N).values())
         self.k = 0
         self.best_gbs = 0.0
 
@@ -79,7 +70,7 @@ class _Triad:
         self.fns[self.k % len(self.fns)]()
 
     def record(self, times: List[float]) -> None:
-        self.best_gbs = max(self.best_gbs, 12 * self.N / min(times) / 1e9)
+        self.best_gbs = max(self.best_gbs, BYTES_PER_ELEMENT * self.N / min(times) / 1e9)
 
 
 def msam_table(device: torch.device, workloads, dtypes, triad_gbs: float, repeats: int = 10,
